@@ -1,0 +1,3 @@
+"""minipretrain: pretrain MiniMind language models from scratch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,152 @@
+"""`minipretrain` sub-commands. Each one parses its arguments and calls one function; user errors print one line
+(`error: ...`) and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from minipretrain import __version__
+from minipretrain.errors import ConfigError, UserError
+
+
+def cmd_train(args) -> None:
+    from minipretrain.config import load_config
+    from minipretrain.train.loop import train
+
+    config_path = args.config
+    if config_path is None and args.resume:
+        config_path = Path(args.run_dir) / "config.toml"
+        if not config_path.is_file():
+            raise ConfigError(f"--resume: {config_path} not found; pass --config with the run's config")
+    cfg = load_config(config_path, args.set)
+    train(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
+
+
+def cmd_tokenizer_train(args) -> None:
+    from itertools import chain
+
+    from minipretrain.data.sources import ReadStats, iter_documents
+    from minipretrain.tokenizer import train_tokenizer
+
+    stats = ReadStats()
+    texts = chain.from_iterable(iter_documents(p, args.text_field, args.skip_bad_lines, stats) for p in args.data)
+    tokenizer = train_tokenizer(texts, args.vocab_size, show_progress=not args.no_progress)
+    if stats.documents == 0:
+        raise UserError(f"no documents in {' '.join(args.data)} ({stats.summary()})")
+    tokenizer.save(args.out)
+    print(f"read {stats.summary()}")
+    print(f"saved a {tokenizer.vocab_size}-token tokenizer (fingerprint {tokenizer.fingerprint}) to {args.out}")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from minipretrain.generate import generate
+    from minipretrain.train.checkpoint import load_model_from_checkpoint
+    from minipretrain.train.loop import resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer, _, ckpt = load_model_from_checkpoint(args.ckpt, str(device))
+    prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    for i in range(args.num_samples):
+        new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       tokenizer.eos_id, use_cache=not args.no_cache, generator=generator)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tokenizer.decode(new))
+
+
+def cmd_eval(args) -> None:
+    from minipretrain.data.batches import make_rows, tokenize_documents
+    from minipretrain.data.sources import read_texts
+    from minipretrain.evaluate import evaluate
+    from minipretrain.train.checkpoint import load_model_from_checkpoint
+    from minipretrain.train.loop import resolve_device
+
+    import torch
+
+    device = resolve_device(args.device)
+    model, tokenizer, cfg, ckpt = load_model_from_checkpoint(args.ckpt, str(device))
+    seq_len = args.seq_len or cfg.train.seq_len
+    if seq_len > cfg.model.max_position_embeddings:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={cfg.model.max_position_embeddings}")
+    texts, stats = read_texts(args.data, args.text_field, args.skip_bad_lines)
+    corpus = tokenize_documents(texts, tokenizer, show_progress=not args.json)
+    rows = make_rows(corpus, "packed", seq_len, tokenizer, for_eval=True)
+    token_bytes = torch.tensor(tokenizer.token_bytes() + [0] * (cfg.model.vocab_size - tokenizer.vocab_size))
+    result = evaluate(model, rows, args.batch_size, token_bytes, device=str(device), show_progress=not args.json)
+    result.update(checkpoint=str(ckpt), data=args.data, documents=stats.documents, seq_len=seq_len)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{ckpt} on {args.data} ({stats.summary()}, {result['tokens']:,} predicted tokens, seq {seq_len}):")
+        print(f"  loss {result['loss']:.4f}   perplexity {result['perplexity']:.2f}   "
+              f"bits/byte {result['bits_per_byte']:.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minipretrain", description="Pretrain MiniMind language models.")
+    parser.add_argument("--version", action="version", version=f"minipretrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pretrain a model (or --resume one)")
+    p.add_argument("--config", help="TOML preset, e.g. configs/tiny.toml (default: the run's own config on --resume)")
+    p.add_argument("--run-dir", default="runs/default", help="where checkpoints, metrics and samples go")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                   help="continue from the run's latest checkpoint (or from the checkpoint directory given)")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in --run-dir and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still print)")
+    p.set_defaults(func=cmd_train)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
+    p = tok.add_parser("train", help="train a byte-level BPE tokenizer")
+    p.add_argument("--data", nargs="+", required=True, help="files, directories, globs or builtin:python-docs")
+    p.add_argument("--vocab-size", type=int, default=6400)
+    p.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint")
+    p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each token (for checking)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on some text")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the training seq_len")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--skip-bad-lines", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; a run continues from its last checkpoint with --resume", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,240 @@
+"""The configuration tree: dataclasses are the single source of truth; TOML presets and `--set` only fill them.
+
+    cfg = load_config("configs/tiny.toml", ["optim.lr=3e-4", "train.max_steps=100"])
+
+Every value is checked before any work starts, and errors name the key (`model.hidden_size ...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minipretrain.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 2
+    intermediate_size: int | None = None  # None: 64 * ceil(8 * hidden / 3 / 64), MiniMind's SwiGLU width
+    max_position_embeddings: int = 32768
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    dropout: float = 0.0
+    qk_norm: bool = False  # per-head RMSNorm on q and k (MiniMind-3 / Qwen3 style)
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.intermediate_size is None and isinstance(self.hidden_size, int):
+            self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class DataConfig:
+    path: str = "builtin:python-docs"  # a file, directory, glob, or `builtin:python-docs`
+    text_field: str = "text"  # the JSONL field holding the document
+    layout: str = "packed"  # packed: documents joined by eos, no padding | padded: MiniMind's one document per row
+    val_fraction: float = 0.01  # share of documents held out for validation (ignored when val_path is set)
+    val_path: str | None = None
+    tokenizer: str | None = None  # a directory with tokenizer.json; None: train one on the training data
+    skip_bad_lines: bool = False  # skip (and count) malformed lines instead of stopping with an error
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    min_lr: float = 5e-5
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | minimind | wsd
+    decay_fraction: float = 0.2  # wsd: the final share of steps spent decaying to min_lr
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 4  # per device
+    seq_len: int = 512
+    grad_accum: int = 1
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 on CUDA when supported, else fp32) | float32 | bfloat16 | float16
+    compile: bool = False
+    log_every: int = 1
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 20
+    sample_every: int = 0  # 0: only at the end
+    sample_prompt: str = ""
+    sample_tokens: int = 64
+    save_every: int = 500  # 0: only at the end
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                if value is not None:  # TOML has no null: an absent key means the default
+                    lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def _parse_value(text: str):
+    """`--set` values are TOML literals (3e-4, true, "x"); anything else is taken as a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _check_type(key: str, value, annotation):
+    hints = typing.get_args(annotation) or (annotation,)
+    allowed = [h for h in hints if h is not type(None)]
+    if value is None and len(allowed) < len(hints):
+        return value
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, bool) and isinstance(value, kind):
+            return value
+    names = " or ".join(k.__name__ for k in allowed)
+    raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    sections = {}
+    for section, values in raw.items():
+        cls = _SECTION_CLASSES.get(section)
+        if cls is None:
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(_SECTION_CLASSES)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of key = value")
+        hints = typing.get_type_hints(cls)
+        checked = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"{source}: unknown key {section}.{key} (known: {', '.join(hints)})"
+                )
+            checked[key] = _check_type(f"{section}.{key}", value, hints[key])
+        sections[section] = cls(**checked)
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the TOML file, then each `section.key=value` override; validated once at the end."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=3e-4")
+        raw.setdefault(section, {})[name] = _parse_value(text.strip())
+    return config_from_dict(raw, source=str(path) if path else "config")
+
+
+def _require(condition: bool, key: str, message: str):
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    positive = {
+        "model": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "max_position_embeddings", "rope_theta", "rms_norm_eps", "initializer_range"),
+        "train": ("max_steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches",
+                  "keep_checkpoints"),
+    }
+    for section, keys in positive.items():
+        for key in keys:
+            value = getattr(getattr(cfg, section), key)
+            _require(value > 0, f"{section}.{key}", f"must be positive, got {value}")
+    for key in ("eval_every", "sample_every", "save_every", "sample_tokens"):
+        _require(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 means only at the end)")
+    _require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",
+             f"{m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}")
+    _require(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_attention_heads",
+             f"{m.num_attention_heads} is not divisible by model.num_key_value_heads={m.num_key_value_heads}")
+    _require(m.head_dim % 2 == 0, "model.hidden_size",
+             f"head dim {m.head_dim} (hidden_size / num_attention_heads) must be even for rotary embeddings")
+    _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _require(t.seq_len <= m.max_position_embeddings, "train.seq_len",
+             f"{t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    _require(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
+             f"unknown device {t.device!r} (auto, cpu, cuda, cuda:N or mps)")
+    _require(t.dtype in ("auto", "float32", "bfloat16", "float16"), "train.dtype",
+             f"unknown dtype {t.dtype!r} (auto, float32, bfloat16 or float16)")
+    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.schedule in ("cosine", "minimind", "wsd"), "optim.schedule",
+             f"unknown schedule {o.schedule!r} (cosine, minimind or wsd)")
+    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {o.grad_clip}")
+    for key in ("beta1", "beta2"):
+        _require(0 <= getattr(o, key) < 1, f"optim.{key}", f"must be in [0, 1), got {getattr(o, key)}")
+    _require(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
+    _require(d.layout in ("packed", "padded"), "data.layout", f"unknown layout {d.layout!r} (packed or padded)")
+    _require(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    _require(bool(d.path), "data.path", "must name a file, directory, glob or builtin:python-docs")
+    _require(bool(d.text_field), "data.text_field", "must not be empty")

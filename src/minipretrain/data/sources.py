@@ -1,0 +1,175 @@
+"""Where documents come from: MiniMind JSONL, plain text files, directories and globs of them, and the built-in
+corpus `builtin:python-docs` (the documentation that ships inside CPython, so a fresh machine needs no download).
+
+Every reader yields one document (a str) at a time. Bad input stops with an error naming file and line, or, with
+`skip_bad_lines`, is counted by reason in a `ReadStats` and skipped.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import json
+import os
+import sysconfig
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minipretrain.errors import DataError
+
+BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+JSONL_SUFFIXES = (".jsonl", ".json")
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+
+@dataclass
+class ReadStats:
+    documents: int = 0
+    bytes: int = 0  # UTF-8 bytes of the documents yielded
+    empty: int = 0  # documents with no text, skipped
+    skipped: Counter = field(default_factory=Counter)  # bad lines skipped, by reason
+
+    def summary(self) -> str:
+        parts = [f"{self.documents:,} documents", f"{self.bytes / 1e6:.1f} MB"]
+        if self.empty:
+            parts.append(f"{self.empty:,} empty skipped")
+        parts += [f"{n:,} skipped ({reason})" for reason, n in sorted(self.skipped.items())]
+        return ", ".join(parts)
+
+
+def resolve_files(spec: str) -> list[Path]:
+    """A file, a directory (its .jsonl/.json/.txt/.md files, recursively) or a glob, in sorted order."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in JSONL_SUFFIXES + TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"data directory {spec} has no .jsonl, .json, .txt or .md files")
+        return files
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"data glob {spec} matches no files")
+        return files
+    raise DataError(f"data file {spec} not found (give a file, directory, glob or {BUILTIN_PYTHON_DOCS})")
+
+
+def iter_documents(spec: str, text_field: str = "text", skip_bad_lines: bool = False,
+                   stats: ReadStats | None = None) -> Iterator[str]:
+    stats = stats if stats is not None else ReadStats()
+    if spec == BUILTIN_PYTHON_DOCS:
+        sources = [python_docs()]
+    elif spec.startswith("builtin:"):
+        raise DataError(f"unknown built-in corpus {spec} (available: {BUILTIN_PYTHON_DOCS})")
+    else:
+        sources = [
+            _read_jsonl(f, text_field, skip_bad_lines, stats) if f.suffix in JSONL_SUFFIXES
+            else _read_text(f, skip_bad_lines, stats)
+            for f in resolve_files(spec)
+        ]
+    for source in sources:
+        for text in source:
+            if not text.strip():
+                stats.empty += 1
+                continue
+            stats.documents += 1
+            stats.bytes += len(text.encode("utf-8"))
+            yield text
+
+
+def _bad_line(message: str, reason: str, skip: bool, stats: ReadStats):
+    if not skip:
+        raise DataError(f"{message} (set data.skip_bad_lines=true to skip and count such lines)")
+    stats.skipped[reason] += 1
+
+
+def _read_jsonl(path: Path, text_field: str, skip: bool, stats: ReadStats) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _bad_line(f"{where}: invalid UTF-8 at byte {e.start}", "invalid UTF-8", skip, stats)
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                _bad_line(f"{where}: malformed JSON ({e.msg} at column {e.colno})", "malformed JSON", skip, stats)
+                continue
+            if not isinstance(record, dict) or text_field not in record:
+                _bad_line(f"{where}: no {text_field!r} field (set data.text_field to the field that holds the text)",
+                          "missing text field", skip, stats)
+                continue
+            text = record[text_field]
+            if not isinstance(text, str):
+                _bad_line(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string",
+                          "non-string text", skip, stats)
+                continue
+            yield text
+
+
+def _read_text(path: Path, skip: bool, stats: ReadStats) -> Iterator[str]:
+    """Plain text: documents are separated by blank lines; line ends are normalised to \\n."""
+    paragraph: list[str] = []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                _bad_line(f"{path}:{line_no}: invalid UTF-8 at byte {e.start}", "invalid UTF-8", skip, stats)
+                continue
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield "\n".join(paragraph)
+                paragraph = []
+    if paragraph:
+        yield "\n".join(paragraph)
+
+
+def python_docs() -> Iterator[str]:
+    """CPython's own documentation: the `pydoc_data` topics (the language reference as `help()` shows it),
+    then the docstrings of the installed standard-library sources, one document per module, read with `ast`
+    (nothing is imported or executed)."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name]
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        parts = path.relative_to(stdlib).parts
+        if any(p in ("site-packages", "dist-packages", "test", "tests", "idlelib") for p in parts):
+            continue
+        doc = _module_docstrings(path, ".".join(parts)[: -len(".py")])
+        if doc:
+            yield doc
+
+
+def _module_docstrings(path: Path, module: str) -> str:
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError, OSError):
+        return ""
+    sections = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) > 40:  # one-liners like "Return x." teach little
+                title = module if isinstance(node, ast.Module) else f"{module}.{node.name}"
+                sections.append(f"{title}\n\n{doc}")
+    return "\n\n".join(sections)
+
+
+def read_texts(spec: str, text_field: str = "text", skip_bad_lines: bool = False) -> tuple[list[str], ReadStats]:
+    """All documents of a source in memory, with the read statistics; an empty source is an error."""
+    stats = ReadStats()
+    texts = list(iter_documents(spec, text_field, skip_bad_lines, stats))
+    if not texts:
+        raise DataError(f"no documents in {spec} ({stats.summary()}): nothing to train or evaluate on")
+    return texts, stats

@@ -1,0 +1,52 @@
+"""Loss, perplexity and bits per byte of a model on tokenized rows.
+
+Bits per byte divides the summed cross-entropy (in bits) by the UTF-8 bytes the predicted tokens spell, so it is
+comparable across tokenizers. Special tokens (eos between documents) spell no bytes and are left out of it.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+@torch.no_grad()
+def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batches: int | None = None,
+             device: str = "cpu", autocast=None, show_progress: bool = False) -> dict:
+    was_training = model.training
+    model.eval()
+    token_bytes = token_bytes.to(device)
+    n_batches = math.ceil(len(rows) / batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    nats_with_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    targets_counted = 0
+    bytes_counted = 0
+    for b in tqdm(range(n_batches), desc="eval", disable=not show_progress, leave=False):
+        indices = np.arange(b * batch_size, min((b + 1) * batch_size, len(rows)))
+        inputs, labels = (t.to(device) for t in rows.get(indices))
+        with autocast or nullcontext():
+            logits = model(inputs).logits
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+        valid = targets != -100
+        losses = F.cross_entropy(logits.flatten(0, 1).float()[valid], targets[valid], reduction="none").double()
+        nbytes = token_bytes[targets[valid]]
+        nats += losses.sum()
+        nats_with_bytes += losses[nbytes > 0].sum()
+        targets_counted += int(valid.sum())
+        bytes_counted += int(nbytes.sum())
+    model.train(was_training)
+    loss = nats.item() / max(targets_counted, 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700)),
+        "bits_per_byte": nats_with_bytes.item() / math.log(2) / max(bytes_counted, 1),
+        "tokens": targets_counted,
+        "bytes": bytes_counted,
+    }

@@ -1,0 +1,56 @@
+"""Sampling with a KV cache: temperature, top-k, top-p, a token budget, stop at eos."""
+
+from __future__ import annotations
+
+import torch
+
+from minipretrain.model import KVCache, MiniMind
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits: (batch, vocab) -> (batch,) token ids. temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token once the tokens before it already cover top_p (the most likely one always stays)
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: MiniMind, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.8,
+             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+             use_cache: bool = True, generator: torch.Generator | None = None) -> list[int]:
+    """Continue one prompt; returns only the new tokens (without the eos that stopped it)."""
+    if not prompt_ids:
+        raise ValueError("generate needs at least one prompt token")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    room = model.config.max_position_embeddings - len(prompt_ids)
+    if room <= 0:
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room within "
+                         f"max_position_embeddings={model.config.max_position_embeddings}")
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    cache = KVCache() if use_cache else None
+    new: list[int] = []
+    step_input = ids
+    for _ in range(min(max_new_tokens, room)):
+        logits = model(step_input if use_cache else ids, cache=cache).logits[:, -1, :]
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_id is not None and token.item() == eos_id:
+            break
+        new.append(token.item())
+        step_input = token.view(1, 1)
+        ids = torch.cat([ids, step_input], dim=1)
+    model.train(was_training)
+    return new

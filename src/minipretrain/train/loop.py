@@ -1,0 +1,311 @@
+"""The story of a training run: set up, then step until max_steps, logging, validating, sampling and saving.
+
+    summary = train(load_config("configs/tiny.toml"), "runs/demo")
+    summary = train(cfg, "runs/demo", resume=True)      # continue exactly where the last checkpoint left off
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model
+from tqdm import tqdm
+
+from minipretrain.config import Config, ModelConfig
+from minipretrain.data.batches import BatchIterator, make_rows, split_documents, tokenize_documents
+from minipretrain.data.sources import read_texts
+from minipretrain.errors import CheckpointError, ConfigError, UserError
+from minipretrain.evaluate import evaluate
+from minipretrain.generate import generate
+from minipretrain.model import MiniMind
+from minipretrain.tokenizer import Tokenizer, train_tokenizer
+from minipretrain.train import checkpoint as ckpt_io
+from minipretrain.train.metrics import MetricsLog
+from minipretrain.train.optim import build_optimizer
+from minipretrain.train.schedule import lr_at
+
+RUN_FILES = ("metrics.jsonl", "samples.txt", "summary.json", "config.toml", "tokenizer", ckpt_io.LATEST,
+             ckpt_io.CHECKPOINTS_DIR)
+
+
+def log(message: str) -> None:
+    tqdm.write(message)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name}: CUDA is not available on this machine (use auto or cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("train.device=mps: MPS is not available on this machine (use auto or cpu)")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 autocast on CUDA where supported (fp16 with loss scaling otherwise); fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if dtype != torch.float32 and device.type != "cuda":
+        raise ConfigError(f"train.dtype={name}: mixed precision needs a CUDA device; {device.type} trains in float32")
+    return dtype
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool | str, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run. Never silently restarts or clobbers a run."""
+    if resume:
+        source = run_dir if resume is True else Path(resume)
+        if resume is True and not (run_dir / ckpt_io.LATEST).exists() and not ckpt_io.list_checkpoints(run_dir):
+            raise CheckpointError(f"nothing to resume in {run_dir}: it has no checkpoint; run without --resume to start")
+        ckpt = ckpt_io.resolve_checkpoint(source)
+        try:
+            ckpt_io.verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            earlier = [str(p) for p in ckpt_io.list_checkpoints(ckpt.parent) if p != ckpt and (p / ckpt_io.META).exists()]
+            hint = f"; earlier checkpoints: {', '.join(earlier)} (resume one with --resume PATH)" if earlier else ""
+            raise CheckpointError(f"{e}{hint}") from None
+        return ckpt
+    existing = [name for name in (ckpt_io.LATEST, ckpt_io.CHECKPOINTS_DIR) if (run_dir / name).exists()]
+    if existing:
+        if not overwrite:
+            raise UserError(f"{run_dir} already holds a run ({', '.join(existing)}): pass --resume to continue it, "
+                            "--overwrite to start over, or choose another --run-dir")
+        for name in RUN_FILES:
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    return None
+
+
+def _check_same_model(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> None:
+    diffs = [f"model.{k} is {v!r} in the checkpoint but {getattr(current, k)!r} now"
+             for k, v in asdict(saved).items() if getattr(current, k) != v]
+    if diffs:
+        raise CheckpointError(f"cannot resume from {ckpt} with a different model: {'; '.join(diffs)}")
+
+
+def _load_tokenizer(cfg: Config, run_dir: Path, ckpt: Path | None, train_texts: list[str]) -> Tokenizer:
+    if ckpt is not None:
+        tokenizer = Tokenizer.load(ckpt)
+        if cfg.data.tokenizer:
+            wanted = Tokenizer.load(cfg.data.tokenizer)
+            if wanted.fingerprint != tokenizer.fingerprint:
+                raise CheckpointError(
+                    f"cannot resume from {ckpt} with another tokenizer: data.tokenizer={cfg.data.tokenizer} has "
+                    f"fingerprint {wanted.fingerprint}, the checkpoint's is {tokenizer.fingerprint}")
+        return tokenizer
+    if cfg.data.tokenizer:
+        return Tokenizer.load(cfg.data.tokenizer)
+    log(f"training a {cfg.model.vocab_size}-token BPE tokenizer on {len(train_texts):,} documents")
+    tokenizer = train_tokenizer(train_texts, cfg.model.vocab_size, show_progress=False)
+    tokenizer.save(run_dir / "tokenizer")
+    return tokenizer
+
+
+def _load_data(cfg: Config, run_dir: Path, ckpt: Path | None, show_progress: bool):
+    d = cfg.data
+    texts, stats = read_texts(d.path, d.text_field, d.skip_bad_lines)
+    log(f"data {d.path}: {stats.summary()}")
+    if d.val_path:
+        train_texts = texts
+        val_texts, val_stats = read_texts(d.val_path, d.text_field, d.skip_bad_lines)
+        log(f"validation {d.val_path}: {val_stats.summary()}")
+    elif d.val_fraction > 0:
+        train_texts, val_texts = split_documents(texts, d.val_fraction)
+    else:
+        train_texts, val_texts = texts, []
+    tokenizer = _load_tokenizer(cfg, run_dir, ckpt, train_texts)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} tokens: raise model.vocab_size or use a smaller tokenizer")
+    train_corpus = tokenize_documents(train_texts, tokenizer, show_progress=show_progress)
+    seq_len = cfg.train.seq_len
+    train_rows = make_rows(train_corpus, d.layout, seq_len, tokenizer)
+    if len(train_rows) == 0:
+        raise UserError(f"the training data has {len(train_corpus.tokens):,} tokens, fewer than one row of "
+                        f"train.seq_len={seq_len}: lower train.seq_len or add data")
+    log(f"train: {train_corpus.num_documents:,} documents, {len(train_corpus.tokens):,} tokens "
+        f"({train_corpus.num_bytes / max(len(train_corpus.tokens), 1):.2f} bytes/token), {len(train_rows):,} rows "
+        f"of {seq_len} ({d.layout})")
+    val_rows = None
+    if val_texts:
+        val_corpus = tokenize_documents(val_texts, tokenizer, show_progress=show_progress)
+        val_rows = make_rows(val_corpus, d.layout, seq_len, tokenizer, for_eval=True)
+        log(f"validation: {val_corpus.num_documents:,} documents, {len(val_corpus.tokens):,} tokens")
+    return tokenizer, train_rows, val_rows
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrite: bool = False,
+          show_progress: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    t = cfg.train
+    ckpt = _prepare_run_dir(run_dir, resume, overwrite)
+    state = None
+    if ckpt is not None:
+        _check_same_model(ckpt_io.read_checkpoint_config(ckpt).model, cfg.model, ckpt)
+        state = ckpt_io.load_train_state(ckpt)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(t.device)
+    amp_dtype = resolve_dtype(t.dtype, device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormals in Adam's state can make CPU steps several times slower
+    seed_everything(t.seed)
+
+    tokenizer, train_rows, val_rows = _load_data(cfg, run_dir, ckpt, show_progress)
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+
+    model = MiniMind(cfg.model).to(device)
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on {device} ({str(amp_dtype).replace('torch.', '')})")
+    optimizer = build_optimizer(model, cfg.optim, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext())
+    batches = BatchIterator(train_rows, t.batch_size, t.seed)
+    token_bytes = torch.tensor(tokenizer.token_bytes() + [0] * (cfg.model.vocab_size - tokenizer.vocab_size))
+
+    step, tokens, elapsed_before = 0, 0, 0.0
+    if state is not None:
+        load_model(model, str(ckpt / ckpt_io.MODEL_FILE), device=str(device))
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        batches.load_state_dict(state["data"])
+        ckpt_io.restore_rng(state["rng"])
+        step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        if step >= t.max_steps:
+            raise UserError(f"{ckpt} is already at step {step} >= train.max_steps={t.max_steps}: "
+                            f"raise it (--set train.max_steps=N) to train further")
+        log(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)")
+    step_model = torch.compile(model) if t.compile else model
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
+
+    def save():
+        train_state = {
+            "step": step, "tokens": tokens, "elapsed": elapsed(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "data": batches.state_dict(), "rng": ckpt_io.capture_rng(),
+        }
+        return ckpt_io.save_checkpoint(run_dir, step, model, cfg, tokenizer, train_state, t.keep_checkpoints)
+
+    def validate():
+        result = evaluate(model, val_rows, t.batch_size, token_bytes, t.eval_batches, str(device), autocast)
+        metrics.write({"step": step, "val_loss": result["loss"], "val_bpb": result["bits_per_byte"],
+                       "val_perplexity": result["perplexity"]})
+        log(f"step {step}: val loss {result['loss']:.4f}, ppl {result['perplexity']:.2f}, "
+            f"{result['bits_per_byte']:.4f} bits/byte")
+        return result
+
+    def sample():
+        prompt = tokenizer.encode(t.sample_prompt) if t.sample_prompt else [tokenizer.eos_id]
+        generator = torch.Generator(device=device).manual_seed(t.seed)  # never touches the training RNG
+        new = generate(model, prompt, t.sample_tokens, temperature=0.8, top_p=0.95, eos_id=tokenizer.eos_id,
+                       generator=generator)
+        text = t.sample_prompt + tokenizer.decode(new)
+        with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+            f.write(f"--- step {step}\n{text}\n")
+        log(f"step {step} sample: {text[:300]!r}")
+        return text
+
+    start = time.perf_counter()
+
+    def elapsed():
+        return elapsed_before + time.perf_counter() - start
+
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    first_val = validate() if val_rows is not None and step == 0 else None
+    last_val, losses = first_val, []
+    window_tokens, window_time = 0, 0.0
+    session_tokens, session_time = 0, 0.0  # training steps only, not validation or saving
+    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not show_progress,
+               dynamic_ncols=True)
+    try:
+        while step < t.max_steps:
+            step_start = time.perf_counter()
+            lr = lr_at(step, cfg.optim, t.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = [next(batches) for _ in range(t.grad_accum)]
+            # Weight each micro-batch by its share of the step's targets, so accumulation equals one big batch
+            # even when padding makes micro-batches unequal.
+            counts = [int((labels[:, 1:] != -100).sum()) for _, labels in micro_batches]
+            total_count = max(sum(counts), 1)
+            step_loss = 0.0
+            for (inputs, labels), count in zip(micro_batches, counts):
+                inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                with autocast:
+                    loss = step_model(inputs, labels=labels).loss * (count / total_count)
+                scaler.scale(loss).backward()
+                step_loss += loss.item()
+            if not math.isfinite(step_loss):
+                raise UserError(f"loss is {step_loss} at step {step + 1}: training diverged; lower optim.lr or "
+                                f"raise optim.warmup_steps, then resume from the last checkpoint with --resume")
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf")).item()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += tokens_per_step
+            losses.append(step_loss)
+            step_time = time.perf_counter() - step_start
+            window_time += step_time
+            window_tokens += tokens_per_step
+            session_time += step_time
+            session_tokens += tokens_per_step
+            bar.update(1)
+
+            if step % t.log_every == 0 or step == t.max_steps:
+                tokens_per_s = window_tokens / max(window_time, 1e-9)
+                metrics.write({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                               "elapsed": round(elapsed(), 3), "tokens_per_s": round(tokens_per_s, 1)})
+                bar.set_postfix_str(f"loss {step_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
+                window_tokens, window_time = 0, 0.0
+            if val_rows is not None and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+                last_val = validate()
+            if t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
+                sample()
+            if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+                save()
+    finally:
+        bar.close()
+
+    if val_rows is not None:
+        last_val = validate()
+    sample_text = sample()
+    final_ckpt = save()
+    metrics.close()
+    total_time = elapsed()
+    summary = {
+        "steps": step, "tokens": tokens, "elapsed_s": round(total_time, 1),
+        "tokens_per_s": round(session_tokens / max(session_time, 1e-9), 1),
+        "final_train_loss": float(np.mean(losses[-10:])) if losses else None,
+        "first_val_loss": first_val["loss"] if first_val else None,
+        "final_val_loss": last_val["loss"] if last_val else None,
+        "final_val_bpb": last_val["bits_per_byte"] if last_val else None,
+        "checkpoint": str(final_ckpt), "sample": sample_text,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    val_text = (f"val loss {summary['first_val_loss']:.4f} -> {summary['final_val_loss']:.4f}"
+                if first_val and last_val else "")
+    log(f"done: {step} steps, {tokens:,} tokens in {total_time:.0f}s; train loss {summary['final_train_loss']:.4f}"
+        f"{'; ' + val_text if val_text else ''}; checkpoint {final_ckpt}")
+    return summary
