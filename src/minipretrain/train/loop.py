@@ -83,7 +83,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool | str, overwrite: bool) -> Path
         try:
             ckpt_io.verify_checkpoint(ckpt)
         except CheckpointError as e:
-            earlier = [str(p) for p in ckpt_io.list_checkpoints(ckpt.parent) if p != ckpt and (p / ckpt_io.META).exists()]
+            earlier = [str(p) for p in sorted(ckpt.parent.glob("step_*")) if p != ckpt and (p / ckpt_io.META).exists()]
             hint = f"; earlier checkpoints: {', '.join(earlier)} (resume one with --resume PATH)" if earlier else ""
             raise CheckpointError(f"{e}{hint}") from None
         return ckpt

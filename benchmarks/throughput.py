@@ -1,0 +1,225 @@
+"""Training-step throughput of a MiniMind preset: step time, tokens/s, peak memory and MFU.
+
+    python benchmarks/throughput.py --config configs/minimind2-26m.toml --batch-size 4 --seq-len 512
+    python benchmarks/throughput.py --config configs/minimind2-26m.toml --compare-optimizer --steps 6
+
+Each step is the training step of `minipretrain.train.loop.train` on random tokens: the real `MiniMind`, the real
+`build_optimizer`, autocast unless float32, GradScaler for float16, clip_grad_norm_, optimizer.step and
+zero_grad(set_to_none=True). No data loading, validation or checkpointing is timed.
+
+FLOPs per token = 6*N + 12*L*H*Q*T  (nanoGPT's convention: N = model.num_parameters(), tied embedding counted
+once; L layers, H attention heads, Q head dim, T sequence length; forward + backward).
+MFU = tokens/s * FLOPs per token / peak FLOP/s of the hardware (--peak-tflops, or a table of bf16 dense peaks).
+
+--compare-optimizer trains two identical copies of the model, one with fused and one with foreach AdamW, in
+alternating blocks of steps so that drift in a shared, noisy machine hits both alike; it quotes each one's medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from minipretrain.config import load_config
+from minipretrain.model import MiniMind
+from minipretrain.train.loop import resolve_device, resolve_dtype, seed_everything
+from minipretrain.train.optim import build_optimizer
+from minipretrain.train.schedule import lr_at
+
+FLOPS_FORMULA = "FLOPs/token = 6*N + 12*L*H*Q*T"
+GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))  # bf16 dense
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="a TOML preset, e.g. configs/minimind2-26m.toml")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override (repeatable)")
+    p.add_argument("--batch-size", type=int, help="default: train.batch_size of the preset")
+    p.add_argument("--seq-len", type=int, help="default: train.seq_len of the preset")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (per optimizer with --compare-optimizer)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (per optimizer)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (compiled during warmup)")
+    p.add_argument("--peak-tflops", type=float, help="hardware peak for MFU (default: GPU table; CPU: n/a)")
+    p.add_argument("--compare-optimizer", action="store_true", help="fused vs foreach AdamW, interleaved")
+    p.add_argument("--block", type=int, default=2, help="steps per A/B block with --compare-optimizer")
+    p.add_argument("--json", type=Path, help="default: benchmarks/results/throughput-<preset>.json")
+    return p.parse_args(argv)
+
+
+def peak_tflops(args, device) -> tuple[float | None, str]:
+    if args.peak_tflops:
+        return args.peak_tflops, "--peak-tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS:
+            if key in name:
+                return tflops, f"{name}, bf16 dense, from the table"
+        sys.exit(f"unknown GPU {name!r}: pass --peak-tflops (its dense bf16 peak) to compute MFU")
+    return None, "n/a (pass --peak-tflops for this CPU)"
+
+
+def make_optimizer(model, cfg, device_type, impl):
+    """The real optimizer; with impl, the same groups and hyper-parameters forced to fused or foreach AdamW."""
+    opt = build_optimizer(model, cfg.optim, device_type)
+    if impl is None:
+        return opt, "fused" if opt.defaults.get("fused") else "foreach"
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+    d = opt.defaults
+    return torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], **{impl: True}), impl
+
+
+class Trainer:
+    """One model + optimizer; step() is loop.py's training step on random tokens, timed."""
+
+    def __init__(self, model, optimizer, cfg, device, amp_dtype, compile_model, batches):
+        self.model, self.optimizer, self.cfg, self.device, self.batches = model, optimizer, cfg, device, batches
+        self.step_model = torch.compile(model) if compile_model else model
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+        self.n, self.times, self.optim_times = 0, [], []
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+    def step(self, timed=True):
+        cfg, t = self.cfg, self.cfg.train
+        self.sync()
+        start = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.n, cfg.optim, t.max_steps)
+        micro_batches = [self.batches[(self.n * t.grad_accum + i) % len(self.batches)] for i in range(t.grad_accum)]
+        counts = [int((labels[:, 1:] != -100).sum()) for _, labels in micro_batches]
+        total_count = max(sum(counts), 1)
+        step_loss = 0.0
+        for (inputs, labels), count in zip(micro_batches, counts):
+            inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            with self.autocast:
+                loss = self.step_model(inputs, labels=labels).loss * (count / total_count)
+            self.scaler.scale(loss).backward()
+            step_loss += loss.item()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or float("inf")).item()
+        self.sync()
+        optim_start = time.perf_counter()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.sync()
+        end = time.perf_counter()
+        self.n += 1
+        if timed:
+            self.times.append(end - start)
+            self.optim_times.append(end - optim_start)
+        return step_loss
+
+
+def peak_memory(device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return (rss if sys.platform == "darwin" else rss * 1024), "peak RSS of the process (getrusage), whole process"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    overrides = list(args.set) + [f"train.grad_accum={args.grad_accum}", f"train.device={args.device}",
+                                  f"train.dtype={args.dtype}", f"train.compile={str(args.compile).lower()}"]
+    overrides += [f"train.batch_size={args.batch_size}"] if args.batch_size else []
+    overrides += [f"train.seq_len={args.seq_len}"] if args.seq_len else []
+    cfg = load_config(args.config, overrides)
+    m, t = cfg.model, cfg.train
+    preset = Path(args.config).stem
+    device = resolve_device(t.device)
+    amp_dtype = resolve_dtype(t.dtype, device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # as loop.py does
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seed_everything(t.seed)
+    gen = torch.Generator().manual_seed(t.seed)
+    batches = []
+    for _ in range(max(8, t.grad_accum)):
+        inputs = torch.randint(0, m.vocab_size, (t.batch_size, t.seq_len), generator=gen)
+        batches.append((inputs, inputs.clone()))
+
+    base = MiniMind(m).to(device)
+    models = [base, copy.deepcopy(base)] if args.compare_optimizer else [base]
+    impls = ["fused", "foreach"] if args.compare_optimizer else [None]
+    trainers, names = [], []
+    for model, impl in zip(models, impls):
+        optimizer, name = make_optimizer(model, cfg, device.type, impl)
+        trainers.append(Trainer(model, optimizer, cfg, device, amp_dtype, t.compile, batches))
+        names.append(name)
+
+    n_params = base.num_parameters()
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    flops_per_token = 6 * n_params + 12 * m.num_hidden_layers * m.num_attention_heads * m.head_dim * t.seq_len
+    peak, peak_source = peak_tflops(args, device)
+    dtype_name = str(amp_dtype).replace("torch.", "")
+    print(f"{preset}: {n_params / 1e6:.2f}M parameters on {device} ({dtype_name}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads{', compiled' if t.compile else ''}); batch {t.batch_size} x seq "
+          f"{t.seq_len} x accum {t.grad_accum} = {tokens_per_step:,} tokens/step")
+    print(f"{FLOPS_FORMULA} = 6*{n_params:,} + 12*{m.num_hidden_layers}*{m.num_attention_heads}*{m.head_dim}*"
+          f"{t.seq_len} = {flops_per_token / 1e6:.1f} MFLOP; peak: {peak_source}")
+
+    for trainer in trainers:
+        for _ in range(args.warmup):
+            trainer.step(timed=False)
+    block = args.block if args.compare_optimizer else args.steps
+    while any(len(tr.times) < args.steps for tr in trainers):  # A/B blocks in turn
+        for trainer in trainers:
+            for _ in range(min(block, args.steps - len(trainer.times))):
+                loss = trainer.step()
+    mem, mem_kind = peak_memory(device)
+
+    runs = []
+    for trainer, name in zip(trainers, names):
+        median = statistics.median(trainer.times)
+        tokens_per_s = tokens_per_step / median
+        mfu = tokens_per_s * flops_per_token / (peak * 1e12) if peak else None
+        runs.append({"optimizer": name, "median_s": median, "min_s": min(trainer.times), "max_s": max(trainer.times),
+                     "tokens_per_s": tokens_per_s, "optimizer_median_ms": 1e3 * statistics.median(trainer.optim_times),
+                     "achieved_tflops": tokens_per_s * flops_per_token / 1e12, "mfu": mfu,
+                     "step_times_s": trainer.times, "optimizer_times_s": trainer.optim_times})
+    print(f"\nlast loss {loss:.3f}; peak memory = {mem_kind}"
+          f"{' (both models, shared process)' if args.compare_optimizer else ''}\n")
+    print("| preset | device | dtype | AdamW | params | tokens/step | median s (min-max) | tokens/s | optim step ms "
+          "| peak mem | TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"| {preset} | {device} | {dtype_name} | {r['optimizer']} | {n_params / 1e6:.2f}M | {tokens_per_step:,} "
+              f"| {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['tokens_per_s']:,.0f} "
+              f"| {r['optimizer_median_ms']:.1f} | {mem / 2**20:,.0f} MiB | {r['achieved_tflops']:.3f} | {mfu} |")
+
+    result = {"preset": preset, "config": args.config, "overrides": args.set, "device": str(device),
+              "dtype": dtype_name, "compile": t.compile, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "batch_size": t.batch_size, "seq_len": t.seq_len, "grad_accum": t.grad_accum, "steps": args.steps,
+              "warmup": args.warmup, "interleaved_block": block if args.compare_optimizer else None,
+              "parameters": n_params, "tokens_per_step": tokens_per_step, "flops_formula": FLOPS_FORMULA,
+              "flops_per_token": flops_per_token, "peak_tflops": peak, "peak_source": peak_source,
+              "peak_memory_bytes": mem, "peak_memory_kind": mem_kind, "runs": runs}
+    out = args.json or Path("benchmarks/results") / f"throughput-{preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

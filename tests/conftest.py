@@ -1,0 +1,32 @@
+from pathlib import Path
+
+import pytest
+
+from minipretrain.config import ModelConfig, load_config
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TINY_MODEL = ["model.vocab_size=320", "model.hidden_size=32", "model.num_hidden_layers=2",
+              "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.max_position_embeddings=128"]
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    values = dict(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def tiny_config(*overrides: str):
+    """A whole training config for CPU tests: a 2-layer model, short rows, a few steps."""
+    base = TINY_MODEL + ["train.batch_size=4", "train.seq_len=32", "train.max_steps=6", "train.eval_every=0",
+                         "train.eval_batches=2", "train.save_every=0", "train.sample_tokens=8", "train.device=cpu",
+                         "optim.lr=3e-3", "optim.warmup_steps=2", "data.val_fraction=0.05"]
+    return load_config(None, base + list(overrides))
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    return path

@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from minipretrain.generate import generate, sample_next
+from minipretrain.model import KVCache, MiniMind
+
+from conftest import tiny_model_config
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return MiniMind(tiny_model_config()).eval()
+
+
+def test_logits_shape_and_loss(model):
+    ids = torch.randint(0, 320, (3, 17))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (3, 17, 320)
+    # an untrained model is close to uniform over the vocabulary
+    assert abs(out.loss.item() - torch.log(torch.tensor(320.0)).item()) < 0.5
+
+
+def test_loss_ignores_minus_100_and_matches_manual_shift(model):
+    ids = torch.randint(0, 320, (2, 12))
+    labels = ids.clone()
+    labels[:, 8:] = -100
+    out = model(ids, labels=labels)
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :7].reshape(-1, 320), ids[:, 1:8].reshape(-1))
+    torch.testing.assert_close(out.loss, manual)
+    all_ignored = model(ids, labels=torch.full_like(ids, -100)).loss
+    assert all_ignored.item() == 0.0
+
+
+def test_causality_future_tokens_never_change_earlier_logits(model):
+    ids = torch.randint(0, 320, (1, 20))
+    changed = ids.clone()
+    changed[0, 12:] = (changed[0, 12:] + 7) % 320
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_gqa_and_rope_shapes():
+    cfg = tiny_model_config(hidden_size=64, num_attention_heads=8, num_key_value_heads=2)
+    m = MiniMind(cfg)
+    attn = m.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (64, 64)
+    assert attn.k_proj.weight.shape == (2 * 8, 64)  # kv heads * head dim
+    assert attn.v_proj.weight.shape == (16, 64)
+    assert m.rope_cos.shape == (cfg.max_position_embeddings, cfg.head_dim)
+    # rotary embedding keeps vector norms (it is a rotation)
+    from minipretrain.model import apply_rope
+    x = torch.randn(1, 2, 10, cfg.head_dim)
+    y = apply_rope(x, m.rope_cos[:10], m.rope_sin[:10])
+    torch.testing.assert_close(x.norm(dim=-1), y.norm(dim=-1))
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    from minipretrain.model import apply_rope, rope_tables
+    cos, sin = rope_tables(16, 64, 1e6)
+    q, k = torch.randn(16), torch.randn(16)
+    def score(i, j):
+        qi = apply_rope(q.view(1, 1, 1, 16), cos[i], sin[i])
+        kj = apply_rope(k.view(1, 1, 1, 16), cos[j], sin[j])
+        return (qi * kj).sum()
+    torch.testing.assert_close(score(5, 2), score(40, 37), atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_and_no_biases(model):
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+
+
+def test_parameter_count_26m_preset():
+    from minipretrain.config import load_config
+    cfg = load_config("configs/minimind2-26m.toml")
+    with torch.device("meta"):
+        n = MiniMind(cfg.model).num_parameters()
+    assert 25e6 < n < 27e6
+
+
+def test_qk_norm_option_adds_per_head_norms():
+    m = MiniMind(tiny_model_config(qk_norm=True))
+    assert m.layers[0].self_attn.q_norm.weight.shape == (8,)
+    ids = torch.randint(0, 320, (1, 9))
+    assert torch.isfinite(m(ids, labels=ids).loss)
+
+
+def test_kv_cache_logits_match_full_forward(model):
+    ids = torch.randint(0, 320, (1, 15))
+    full = model(ids).logits
+    cache = KVCache()
+    first = model(ids[:, :6], cache=cache).logits
+    chunk = model(ids[:, 6:10], cache=cache).logits  # several new tokens after history
+    rest = torch.cat([model(ids[:, i : i + 1], cache=cache).logits for i in range(10, 15)], dim=1)
+    torch.testing.assert_close(torch.cat([first, chunk, rest], dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.0, None, None), (1.0, 20, 0.9), (0.7, None, 0.5)])
+def test_cached_and_uncached_generation_give_the_same_tokens(model, temperature, top_k, top_p):
+    prompt = [5, 17, 99, 3]
+    outs = []
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(123)
+        outs.append(generate(model, prompt, 25, temperature, top_k, top_p, eos_id=None, use_cache=use_cache,
+                             generator=g))
+    assert outs[0] == outs[1]
+    assert len(outs[0]) == 25
+
+
+def test_generation_stops_at_eos_and_respects_max_positions(model):
+    eos = generate(model, [1, 2, 3], 10, temperature=0.0)[0]  # the greedy first token, used as "eos"
+    assert generate(model, [1, 2, 3], 10, temperature=0.0, eos_id=eos) == []
+    long = generate(model, list(range(120)), 50, temperature=0.0)
+    assert len(long) == 128 - 120
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    logits = torch.tensor([[5.0, 4.0, 3.0, -10.0, -10.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, 1.0, 2, None, g).item() for _ in range(200)}
+    assert picks == {0, 1}
+    # top-p 0.5: the first token alone holds ~66% of the mass
+    picks = {sample_next(logits, 1.0, None, 0.5, g).item() for _ in range(100)}
+    assert picks == {0}

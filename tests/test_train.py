@@ -1,0 +1,220 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minipretrain.errors import CheckpointError, UserError
+from minipretrain.train import checkpoint as ckpt_io
+from minipretrain.train.loop import train
+from minipretrain.train.metrics import read_metrics
+
+from conftest import TINY_MODEL, shared_file, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory) -> Path:
+    """The first ~120 KB of tinyshakespeare, as a small text file: fast to tokenize, real text."""
+    text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:120_000]
+    path = tmp_path_factory.mktemp("data") / "shakespeare.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(shakespeare, tmp_path_factory) -> Path:
+    from minipretrain.data.sources import iter_documents
+    from minipretrain.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(iter_documents(str(shakespeare)), 320, show_progress=False).save(out)
+    return out
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m}
+
+
+@pytest.mark.slow
+def test_end_to_end_run_lowers_validation_loss_on_real_text(tmp_path):
+    data = shared_file("sample_pretrain.jsonl")
+    cfg = tiny_config(f"data.path={json.dumps(str(data))}", "train.max_steps=60", "train.eval_every=30",
+                      "train.seq_len=64", "train.batch_size=8", "data.val_fraction=0.02", "train.eval_batches=4")
+    summary = train(cfg, tmp_path / "run", show_progress=False)
+    assert summary["final_val_loss"] < summary["first_val_loss"] - 1.0
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 61))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "elapsed", "tokens_per_s"):
+        assert key in steps[0]
+    assert steps[-1]["tokens"] == 60 * 8 * 64
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 30, 60]
+    run = tmp_path / "run"
+    assert (run / "samples.txt").read_text().strip()
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    assert (run / "latest").read_text().strip() == "checkpoints/step_000060"
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, shakespeare, tokenizer_dir, layout):
+    common = [f"data.path={json.dumps(str(shakespeare))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}",
+              f"data.layout={layout}", "train.max_steps=4", "data.val_fraction=0"]
+    big = train(tiny_config(*common, "train.batch_size=8", "train.grad_accum=1"), tmp_path / "big", show_progress=False)
+    acc = train(tiny_config(*common, "train.batch_size=2", "train.grad_accum=4"), tmp_path / "acc", show_progress=False)
+    a, b = _losses(tmp_path / "big"), _losses(tmp_path / "acc")
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-5)
+    assert big["tokens"] == acc["tokens"]
+
+
+def _train_cmd(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "minipretrain", "train", "--run-dir", str(run_dir), "--no-progress", *extra]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_losses(tmp_path, shakespeare, tokenizer_dir):
+    sets = [a for s in TINY_MODEL + [f"data.path={shakespeare}", f"data.tokenizer={tokenizer_dir}",
+                                     "train.batch_size=4", "train.seq_len=32", "train.max_steps=60",
+                                     "train.save_every=5", "train.eval_every=0", "train.device=cpu",
+                                     "model.dropout=0.1", "optim.warmup_steps=5", "data.val_fraction=0.05"]
+            for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    subprocess.run(_train_cmd(reference, *sets), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(crashed, *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = crashed / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(_losses(crashed)) >= 12:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(_losses(crashed))
+    assert 12 <= killed_at < 60
+    resumed = subprocess.run(_train_cmd(crashed, "--resume", *sets[-2:]), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert _losses(crashed) == _losses(reference)  # exactly equal, every step
+
+
+def _short_run(tmp_path, shakespeare, tokenizer_dir, *extra):
+    cfg = tiny_config(f"data.path={json.dumps(str(shakespeare))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}",
+                      "train.save_every=2", *extra)
+    return cfg, train(cfg, tmp_path / "run", show_progress=False)
+
+
+def test_checkpoints_keep_last_k_and_resume_continues(tmp_path, shakespeare, tokenizer_dir):
+    cfg, _ = _short_run(tmp_path, shakespeare, tokenizer_dir, "train.keep_checkpoints=2")
+    run = tmp_path / "run"
+    assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["step_000004", "step_000006"]
+    state = ckpt_io.load_train_state(run / "checkpoints" / "step_000006")
+    assert state["step"] == 6 and state["tokens"] == 6 * 4 * 32
+    assert {"optimizer", "scaler", "data", "rng"} <= state.keys()
+    cfg.train.max_steps = 8
+    summary = train(cfg, run, resume=True, show_progress=False)
+    assert summary["steps"] == 8
+    assert sorted(_losses(run)) == list(range(1, 9))
+
+
+def test_resume_refuses_changed_model_or_tokenizer(tmp_path, shakespeare, tokenizer_dir):
+    cfg, _ = _short_run(tmp_path, shakespeare, tokenizer_dir)
+    run = tmp_path / "run"
+    cfg.train.max_steps = 10
+    cfg.model.hidden_size = 64
+    with pytest.raises(CheckpointError, match="model.hidden_size is 32 in the checkpoint but 64"):
+        train(cfg, run, resume=True, show_progress=False)
+    cfg.model.hidden_size = 32
+    other_tok = tmp_path / "other_tok"
+    from minipretrain.tokenizer import train_tokenizer
+    train_tokenizer(["a different corpus, entirely different " * 50], 300, show_progress=False).save(other_tok)
+    cfg.data.tokenizer = str(other_tok)
+    with pytest.raises(CheckpointError, match="another tokenizer"):
+        train(cfg, run, resume=True, show_progress=False)
+
+
+def test_existing_run_is_never_silently_restarted(tmp_path, shakespeare, tokenizer_dir):
+    cfg, _ = _short_run(tmp_path, shakespeare, tokenizer_dir)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(cfg, tmp_path / "run", show_progress=False)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(cfg, tmp_path / "empty", resume=True, show_progress=False)
+    cfg.train.max_steps = 6
+    with pytest.raises(UserError, match="already at step 6"):
+        train(cfg, tmp_path / "run", resume=True, show_progress=False)
+
+
+def test_corrupt_checkpoint_is_detected_and_reported(tmp_path, shakespeare, tokenizer_dir):
+    cfg, _ = _short_run(tmp_path, shakespeare, tokenizer_dir)
+    run = tmp_path / "run"
+    weights = run / "checkpoints" / "step_000006" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    cfg.train.max_steps = 8
+    with pytest.raises(CheckpointError, match="corrupt.*model.safetensors.*earlier checkpoints.*step_000004"):
+        train(cfg, run, resume=True, show_progress=False)
+    # resuming explicitly from the earlier, intact checkpoint works
+    summary = train(cfg, run, resume=str(run / "checkpoints" / "step_000004"), show_progress=False)
+    assert summary["steps"] == 8
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint_intact(tmp_path, shakespeare, tokenizer_dir, monkeypatch):
+    cfg, _ = _short_run(tmp_path, shakespeare, tokenizer_dir)
+    run = tmp_path / "run"
+    before = (run / "latest").read_text()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", broken_save)
+    cfg.train.max_steps = 8
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg, run, resume=True, show_progress=False)
+    assert (run / "latest").read_text() == before
+    ckpt_io.verify_checkpoint(ckpt_io.resolve_checkpoint(run))
+    assert not ckpt_io.list_checkpoints(run)[-1].name.startswith(".tmp")
+
+
+def test_incomplete_checkpoint_is_reported(tmp_path, shakespeare, tokenizer_dir):
+    cfg, _ = _short_run(tmp_path, shakespeare, tokenizer_dir)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000006" / "meta.json").unlink()
+    cfg.train.max_steps = 8
+    with pytest.raises(CheckpointError, match="incomplete"):
+        train(cfg, run, resume=True, show_progress=False)
+
+
+def test_train_state_loads_with_weights_only(tmp_path, shakespeare, tokenizer_dir):
+    _short_run(tmp_path, shakespeare, tokenizer_dir)
+    path = tmp_path / "run" / "checkpoints" / "step_000006" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["data"]["index"] >= 0
+
+
+def test_cli_generate_and_eval(tmp_path, shakespeare, tokenizer_dir, capsys):
+    from minipretrain.cli import main
+
+    _short_run(tmp_path, shakespeare, tokenizer_dir)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    main(["generate", "--ckpt", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    main(["eval", "--ckpt", str(run), "--data", str(shakespeare), "--json", "--device", "cpu"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss"] > 0 and result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
+    assert 0 < result["bits_per_byte"] < 10
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--ckpt", str(tmp_path / "nothing-here")])
+    assert exit_info.value.code == 2
+    assert "no checkpoint" in capsys.readouterr().err
