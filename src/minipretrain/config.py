@@ -122,7 +122,8 @@ def _toml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+    # A JSON string is a TOML basic string, except that TOML also forbids a raw DEL character.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _parse_value(text: str):
@@ -185,7 +186,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key, sep, text = item.partition("=")
         section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not name:
+        if not sep or not dot or not name or not section:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=3e-4")
         raw.setdefault(section, {})[name] = _parse_value(text.strip())
     return config_from_dict(raw, source=str(path) if path else "config")

@@ -1,6 +1,8 @@
 """Byte-level BPE tokenizer with MiniMind's special tokens, trained and loaded with the `tokenizers` library.
 
-Byte-level means every UTF-8 string maps to tokens and back exactly: there is no unknown token.
+Byte-level means every UTF-8 string maps to tokens and back exactly: there is no unknown token. The one exception
+is by design: the literal strings of the special tokens (`<|im_start|>` ...) encode as the special ids, as in
+MiniMind, whose pretraining data marks documents with them; decoding drops special tokens.
 The saved directory (tokenizer.json + tokenizer_config.json) loads in `transformers.PreTrainedTokenizerFast`.
 """
 

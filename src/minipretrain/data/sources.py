@@ -47,7 +47,7 @@ def resolve_files(spec: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in JSONL_SUFFIXES + TEXT_SUFFIXES)
         if not files:
-            raise DataError(f"data directory {spec} has no .jsonl, .json, .txt or .md files")
+            raise DataError(f"data directory {spec} has no {', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES)} files")
         return files
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
@@ -91,7 +91,7 @@ def _read_jsonl(path: Path, text_field: str, skip: bool, stats: ReadStats) -> It
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # tolerate a byte-order mark
             except UnicodeDecodeError as e:
                 _bad_line(f"{where}: invalid UTF-8 at byte {e.start}", "invalid UTF-8", skip, stats)
                 continue
@@ -120,7 +120,7 @@ def _read_text(path: Path, skip: bool, stats: ReadStats) -> Iterator[str]:
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
                 _bad_line(f"{path}:{line_no}: invalid UTF-8 at byte {e.start}", "invalid UTF-8", skip, stats)
                 continue
