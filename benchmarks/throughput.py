@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import resource
 import statistics
 import sys
@@ -137,6 +138,8 @@ def peak_memory(device) -> tuple[int, str]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.block < 1:
+        sys.exit("--steps and --block must be >= 1, --warmup >= 0")
     overrides = list(args.set) + [f"train.grad_accum={args.grad_accum}", f"train.device={args.device}",
                                   f"train.dtype={args.dtype}", f"train.compile={str(args.compile).lower()}"]
     overrides += [f"train.batch_size={args.batch_size}"] if args.batch_size else []
@@ -177,6 +180,9 @@ def main(argv=None) -> dict:
     print(f"{FLOPS_FORMULA} = 6*{n_params:,} + 12*{m.num_hidden_layers}*{m.num_attention_heads}*{m.head_dim}*"
           f"{t.seq_len} = {flops_per_token / 1e6:.1f} MFLOP; peak: {peak_source}")
 
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"warning: 1-minute load average is {load_before:.2f} before starting: other work will skew timings")
     for trainer in trainers:
         for _ in range(args.warmup):
             trainer.step(timed=False)
@@ -196,7 +202,8 @@ def main(argv=None) -> dict:
                      "tokens_per_s": tokens_per_s, "optimizer_median_ms": 1e3 * statistics.median(trainer.optim_times),
                      "achieved_tflops": tokens_per_s * flops_per_token / 1e12, "mfu": mfu,
                      "step_times_s": trainer.times, "optimizer_times_s": trainer.optim_times})
-    print(f"\nlast loss {loss:.3f}; peak memory = {mem_kind}"
+    print(f"\nlast loss {loss:.3f}; 1-min load average before start {load_before:.2f}; "
+          f"peak memory = {mem_kind}"
           f"{' (both models, shared process)' if args.compare_optimizer else ''}\n")
     print("| preset | device | dtype | AdamW | params | tokens/step | median s (min-max) | tokens/s | optim step ms "
           "| peak mem | TFLOP/s | MFU |")
@@ -213,7 +220,8 @@ def main(argv=None) -> dict:
               "warmup": args.warmup, "interleaved_block": block if args.compare_optimizer else None,
               "parameters": n_params, "tokens_per_step": tokens_per_step, "flops_formula": FLOPS_FORMULA,
               "flops_per_token": flops_per_token, "peak_tflops": peak, "peak_source": peak_source,
-              "peak_memory_bytes": mem, "peak_memory_kind": mem_kind, "runs": runs}
+              "peak_memory_bytes": mem, "peak_memory_kind": mem_kind,
+              "load_average_1min_before": load_before, "runs": runs}
     out = args.json or Path("benchmarks/results") / f"throughput-{preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

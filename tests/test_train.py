@@ -218,3 +218,31 @@ def test_cli_generate_and_eval(tmp_path, shakespeare, tokenizer_dir, capsys):
         main(["generate", "--ckpt", str(tmp_path / "nothing-here")])
     assert exit_info.value.code == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_device_and_precision_resolution_on_cpu():
+    from minipretrain.errors import ConfigError
+    from minipretrain.train.loop import resolve_device, resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("float32", cpu) == torch.float32
+    for name in ("bfloat16", "float16"):
+        with pytest.raises(ConfigError, match=f"train.dtype={name}: mixed precision needs a CUDA device"):
+            resolve_dtype(name, cpu)
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, shakespeare, tokenizer_dir):
+    common = [f"data.path={json.dumps(str(shakespeare))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}",
+              "train.max_steps=3", "data.val_fraction=0"]
+    train(tiny_config(*common), tmp_path / "eager", show_progress=False)
+    train(tiny_config(*common, "train.compile=true"), tmp_path / "compiled", show_progress=False)
+    eager, compiled = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() == {1, 2, 3}
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], abs=1e-4)

@@ -108,7 +108,7 @@ def _read_jsonl(path: Path, text_field: str, skip: bool, stats: ReadStats) -> It
                 continue
             text = record[text_field]
             if not isinstance(text, str):
-                _bad_line(f"{where}: field {text_field!r} is a {type(text).__name__}, not a string",
+                _bad_line(f"{where}: field {text_field!r} is not a string (got {type(text).__name__})",
                           "non-string text", skip, stats)
                 continue
             yield text
