@@ -20,23 +20,23 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import resource
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from minipretrain.config import load_config
+from minipretrain.errors import UserError
 from minipretrain.model import MiniMind
-from minipretrain.train.loop import resolve_device, resolve_dtype, seed_everything
+from minipretrain.train.loop import (accumulate_gradients, apply_gradients, mixed_precision, resolve_device,
+                                     resolve_dtype, seed_everything)
+from minipretrain.train.metrics import FLOPS_FORMULA, flops_per_token
 from minipretrain.train.optim import build_optimizer
 from minipretrain.train.schedule import lr_at
 
-FLOPS_FORMULA = "FLOPs/token = 6*N + 12*L*H*Q*T"
 GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))  # bf16 dense
 
 
@@ -84,11 +84,10 @@ def make_optimizer(model, cfg, device_type, impl):
 class Trainer:
     """One model + optimizer; step() is loop.py's training step on random tokens, timed."""
 
-    def __init__(self, model, optimizer, cfg, device, amp_dtype, compile_model, batches):
-        self.model, self.optimizer, self.cfg, self.device, self.batches = model, optimizer, cfg, device, batches
-        self.step_model = torch.compile(model) if compile_model else model
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        self.autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    def __init__(self, model, optimizer, name, cfg, device, amp_dtype, batches):
+        self.model, self.optimizer, self.name, self.cfg, self.device = model, optimizer, name, cfg, device
+        self.batches, self.step_model = batches, torch.compile(model) if cfg.train.compile else model
+        self.autocast, self.scaler = mixed_precision(device, amp_dtype)
         self.n, self.times, self.optim_times = 0, [], []
 
     def sync(self):
@@ -104,22 +103,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.n, cfg.optim, t.max_steps)
         micro_batches = [self.batches[(self.n * t.grad_accum + i) % len(self.batches)] for i in range(t.grad_accum)]
-        counts = [int((labels[:, 1:] != -100).sum()) for _, labels in micro_batches]
-        total_count = max(sum(counts), 1)
-        step_loss = 0.0
-        for (inputs, labels), count in zip(micro_batches, counts):
-            inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            with self.autocast:
-                loss = self.step_model(inputs, labels=labels).loss * (count / total_count)
-            self.scaler.scale(loss).backward()
-            step_loss += loss.item()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or float("inf")).item()
+        step_loss = accumulate_gradients(self.step_model, micro_batches, self.autocast, self.scaler, self.device)
         self.sync()
         optim_start = time.perf_counter()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        apply_gradients(self.model, self.optimizer, self.scaler, cfg.optim.grad_clip)
         self.sync()
         end = time.perf_counter()
         self.n += 1
@@ -136,53 +123,61 @@ def peak_memory(device) -> tuple[int, str]:
     return (rss if sys.platform == "darwin" else rss * 1024), "peak RSS of the process (getrusage), whole process"
 
 
+def cpu_busy(seconds=1.0) -> float | None:
+    """Share of all CPUs busy over `seconds` (Linux /proc/stat), to flag other work before timing starts."""
+    def sample():
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+    try:
+        (idle0, total0), _, (idle1, total1) = sample(), time.sleep(seconds), sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.block < 1:
         sys.exit("--steps and --block must be >= 1, --warmup >= 0")
-    overrides = list(args.set) + [f"train.grad_accum={args.grad_accum}", f"train.device={args.device}",
-                                  f"train.dtype={args.dtype}", f"train.compile={str(args.compile).lower()}"]
-    overrides += [f"train.batch_size={args.batch_size}"] if args.batch_size else []
-    overrides += [f"train.seq_len={args.seq_len}"] if args.seq_len else []
-    cfg = load_config(args.config, overrides)
-    m, t = cfg.model, cfg.train
-    preset = Path(args.config).stem
-    device = resolve_device(t.device)
-    amp_dtype = resolve_dtype(t.dtype, device)
+    overrides = [*args.set, f"train.grad_accum={args.grad_accum}", f"train.device={args.device}",
+                 f"train.dtype={args.dtype}", f"train.compile={str(args.compile).lower()}"]
+    overrides += [f"train.batch_size={args.batch_size}"] * bool(args.batch_size)
+    overrides += [f"train.seq_len={args.seq_len}"] * bool(args.seq_len)
+    try:
+        cfg = load_config(args.config, overrides)
+        device = resolve_device(cfg.train.device)
+        amp_dtype = resolve_dtype(cfg.train.dtype, device)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    m, t, preset = cfg.model, cfg.train, Path(args.config).stem
+    peak, peak_source = peak_tflops(args, device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # as loop.py does
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(t.seed)
     gen = torch.Generator().manual_seed(t.seed)
-    batches = []
-    for _ in range(max(8, t.grad_accum)):
-        inputs = torch.randint(0, m.vocab_size, (t.batch_size, t.seq_len), generator=gen)
-        batches.append((inputs, inputs.clone()))
+    inputs = [torch.randint(0, m.vocab_size, (t.batch_size, t.seq_len), generator=gen) for _ in range(8)]
+    batches = [(x, x.clone()) for x in inputs]  # labels are a copy of the inputs, as in PackedRows
 
     base = MiniMind(m).to(device)
     models = [base, copy.deepcopy(base)] if args.compare_optimizer else [base]
     impls = ["fused", "foreach"] if args.compare_optimizer else [None]
-    trainers, names = [], []
-    for model, impl in zip(models, impls):
-        optimizer, name = make_optimizer(model, cfg, device.type, impl)
-        trainers.append(Trainer(model, optimizer, cfg, device, amp_dtype, t.compile, batches))
-        names.append(name)
-
+    trainers = [Trainer(model, *make_optimizer(model, cfg, device.type, impl), cfg, device, amp_dtype, batches)
+                for model, impl in zip(models, impls)]
     n_params = base.num_parameters()
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
-    flops_per_token = 6 * n_params + 12 * m.num_hidden_layers * m.num_attention_heads * m.head_dim * t.seq_len
-    peak, peak_source = peak_tflops(args, device)
+    token_flops = flops_per_token(m, n_params, t.seq_len)
     dtype_name = str(amp_dtype).replace("torch.", "")
     print(f"{preset}: {n_params / 1e6:.2f}M parameters on {device} ({dtype_name}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads{', compiled' if t.compile else ''}); batch {t.batch_size} x seq "
           f"{t.seq_len} x accum {t.grad_accum} = {tokens_per_step:,} tokens/step")
     print(f"{FLOPS_FORMULA} = 6*{n_params:,} + 12*{m.num_hidden_layers}*{m.num_attention_heads}*{m.head_dim}*"
-          f"{t.seq_len} = {flops_per_token / 1e6:.1f} MFLOP; peak: {peak_source}")
+          f"{t.seq_len} = {token_flops / 1e6:.1f} MFLOP; peak: {peak_source}")
 
-    load_before = os.getloadavg()[0]
-    if load_before > 0.5:
-        print(f"warning: 1-minute load average is {load_before:.2f} before starting: other work will skew timings")
+    busy = cpu_busy()
+    if busy is not None and busy > 0.2:
+        print(f"warning: the CPUs were {100 * busy:.0f}% busy just before timing: other work will skew the numbers")
     for trainer in trainers:
         for _ in range(args.warmup):
             trainer.step(timed=False)
@@ -194,20 +189,19 @@ def main(argv=None) -> dict:
     mem, mem_kind = peak_memory(device)
 
     runs = []
-    for trainer, name in zip(trainers, names):
-        median = statistics.median(trainer.times)
-        tokens_per_s = tokens_per_step / median
-        mfu = tokens_per_s * flops_per_token / (peak * 1e12) if peak else None
-        runs.append({"optimizer": name, "median_s": median, "min_s": min(trainer.times), "max_s": max(trainer.times),
-                     "tokens_per_s": tokens_per_s, "optimizer_median_ms": 1e3 * statistics.median(trainer.optim_times),
-                     "achieved_tflops": tokens_per_s * flops_per_token / 1e12, "mfu": mfu,
-                     "step_times_s": trainer.times, "optimizer_times_s": trainer.optim_times})
-    print(f"\nlast loss {loss:.3f}; 1-min load average before start {load_before:.2f}; "
-          f"peak memory = {mem_kind}"
-          f"{' (both models, shared process)' if args.compare_optimizer else ''}\n")
+    for tr in trainers:
+        tokens_per_s = tokens_per_step / statistics.median(tr.times)
+        runs.append({"optimizer": tr.name, "median_s": statistics.median(tr.times), "min_s": min(tr.times),
+                     "max_s": max(tr.times), "tokens_per_s": tokens_per_s,
+                     "optimizer_median_ms": 1e3 * statistics.median(tr.optim_times),
+                     "achieved_tflops": tokens_per_s * token_flops / 1e12,
+                     "mfu": tokens_per_s * token_flops / (peak * 1e12) if peak else None,
+                     "step_times_s": tr.times, "optimizer_times_s": tr.optim_times})
+    shared = " (both models, one process)" if args.compare_optimizer else ""
+    print(f"\nlast loss {loss:.3f}; CPU busy before start {'n/a' if busy is None else f'{100 * busy:.0f}%'}; "
+          f"peak memory = {mem_kind}{shared}\n")
     print("| preset | device | dtype | AdamW | params | tokens/step | median s (min-max) | tokens/s | optim step ms "
-          "| peak mem | TFLOP/s | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| peak mem | TFLOP/s | MFU |\n" + "|---" * 12 + "|")
     for r in runs:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"| {preset} | {device} | {dtype_name} | {r['optimizer']} | {n_params / 1e6:.2f}M | {tokens_per_step:,} "
@@ -219,9 +213,8 @@ def main(argv=None) -> dict:
               "batch_size": t.batch_size, "seq_len": t.seq_len, "grad_accum": t.grad_accum, "steps": args.steps,
               "warmup": args.warmup, "interleaved_block": block if args.compare_optimizer else None,
               "parameters": n_params, "tokens_per_step": tokens_per_step, "flops_formula": FLOPS_FORMULA,
-              "flops_per_token": flops_per_token, "peak_tflops": peak, "peak_source": peak_source,
-              "peak_memory_bytes": mem, "peak_memory_kind": mem_kind,
-              "load_average_1min_before": load_before, "runs": runs}
+              "flops_per_token": token_flops, "peak_tflops": peak, "peak_source": peak_source,
+              "peak_memory_bytes": mem, "peak_memory_kind": mem_kind, "cpu_busy_before": busy, "runs": runs}
     out = args.json or Path("benchmarks/results") / f"throughput-{preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

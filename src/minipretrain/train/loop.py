@@ -67,6 +67,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def mixed_precision(device: torch.device, amp_dtype: torch.dtype):
+    """The autocast context for forward passes and the loss scaler (active for fp16 only)."""
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
+    return autocast, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -156,6 +162,33 @@ def _load_data(cfg: Config, run_dir: Path, ckpt: Path | None, show_progress: boo
     return tokenizer, train_rows, val_rows
 
 
+def accumulate_gradients(step_model, micro_batches, autocast, scaler, device) -> float:
+    """Forward and backward over a step's micro-batches; returns the step's mean loss.
+
+    Each micro-batch is weighted by its share of the step's predicted tokens, so accumulating equals one big
+    batch even when padding makes micro-batches unequal."""
+    counts = [int((labels[:, 1:] != -100).sum()) for _, labels in micro_batches]
+    total_count = max(sum(counts), 1)
+    step_loss = 0.0
+    for (inputs, labels), count in zip(micro_batches, counts):
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast:
+            loss = step_model(inputs, labels=labels).loss * (count / total_count)
+        scaler.scale(loss).backward()
+        step_loss += loss.item()
+    return step_loss
+
+
+def apply_gradients(model, optimizer, scaler, grad_clip: float) -> float:
+    """Unscale, clip (0 = no clipping), step, clear; returns the gradient norm before clipping."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")).item()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrite: bool = False,
           show_progress: bool = True) -> dict:
     run_dir = Path(run_dir)
@@ -178,8 +211,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
     model = MiniMind(cfg.model).to(device)
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on {device} ({str(amp_dtype).replace('torch.', '')})")
     optimizer = build_optimizer(model, cfg.optim, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext())
+    autocast, scaler = mixed_precision(device, amp_dtype)
     batches = BatchIterator(train_rows, t.batch_size, t.seed)
     token_bytes = torch.tensor(tokenizer.token_bytes() + [0] * (cfg.model.vocab_size - tokenizer.vocab_size))
 
@@ -244,25 +276,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [next(batches) for _ in range(t.grad_accum)]
-            # Weight each micro-batch by its share of the step's targets, so accumulation equals one big batch
-            # even when padding makes micro-batches unequal.
-            counts = [int((labels[:, 1:] != -100).sum()) for _, labels in micro_batches]
-            total_count = max(sum(counts), 1)
-            step_loss = 0.0
-            for (inputs, labels), count in zip(micro_batches, counts):
-                inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with autocast:
-                    loss = step_model(inputs, labels=labels).loss * (count / total_count)
-                scaler.scale(loss).backward()
-                step_loss += loss.item()
+            step_loss = accumulate_gradients(step_model, micro_batches, autocast, scaler, device)
             if not math.isfinite(step_loss):
                 raise UserError(f"loss is {step_loss} at step {step + 1}: training diverged; lower optim.lr or "
                                 f"raise optim.warmup_steps, then resume from the last checkpoint with --resume")
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf")).item()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = apply_gradients(model, optimizer, scaler, cfg.optim.grad_clip)
             step += 1
             tokens += tokens_per_step
             losses.append(step_loss)

@@ -7,6 +7,15 @@ import os
 from pathlib import Path
 
 
+FLOPS_FORMULA = "FLOPs/token = 6*N + 12*L*H*Q*T"
+
+
+def flops_per_token(cfg, num_parameters: int, seq_len: int) -> int:
+    """Training FLOPs per token, nanoGPT's convention: 6 per parameter (forward + backward) plus attention scores
+    12*L*H*Q*T (L layers, H heads, Q head dim, T sequence length)."""
+    return 6 * num_parameters + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
+
+
 class MetricsLog:
     def __init__(self, path: Path, resume_step: int = 0):
         self.path = path
