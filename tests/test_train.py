@@ -246,3 +246,13 @@ def test_compiled_training_matches_eager(tmp_path, shakespeare, tokenizer_dir):
     assert eager.keys() == compiled.keys() == {1, 2, 3}
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], abs=1e-4)
+
+
+def test_separate_validation_file(tmp_path, shakespeare, tokenizer_dir):
+    val = tmp_path / "val.jsonl"
+    val.write_text("\n".join(json.dumps({"text": t}) for t in ["To be, or not to be.", "A horse! a horse!"]) + "\n")
+    cfg, summary = _short_run(tmp_path, shakespeare, tokenizer_dir, f"data.val_path={json.dumps(str(val))}",
+                              "data.val_fraction=0")
+    assert summary["first_val_loss"] is not None and summary["final_val_loss"] is not None
+    evaluated = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in m]
+    assert [m["step"] for m in evaluated] == [0, 6]

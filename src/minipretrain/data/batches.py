@@ -80,6 +80,16 @@ def split_documents(texts: list[str], fraction: float) -> tuple[list[str], list[
     return [t for t, h in zip(texts, held_out) if not h], [t for t, h in zip(texts, held_out) if h]
 
 
+def _to_batch(rows: list[np.ndarray], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of shape (len(rows), seq_len): short rows padded with pad_id, their labels -100."""
+    inputs = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), seq_len), IGNORE, dtype=np.int64)
+    for r, row in enumerate(rows):
+        inputs[r, : len(row)] = row
+        labels[r, : len(row)] = row
+    return torch.from_numpy(inputs), torch.from_numpy(labels)
+
+
 class PackedRows:
     """The stream doc0 eos doc1 eos ... cut into rows of seq_len tokens. Training drops the final partial row;
     evaluation keeps it (padded, labels -100) so every token is scored."""
@@ -97,14 +107,11 @@ class PackedRows:
     def __len__(self):
         return self.num_rows
 
+    def row(self, i: int) -> np.ndarray:
+        return self.stream[i * self.seq_len : (i + 1) * self.seq_len]
+
     def get(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = np.full((len(indices), self.seq_len), self.pad_id, dtype=np.int64)
-        labels = np.full((len(indices), self.seq_len), IGNORE, dtype=np.int64)
-        for r, i in enumerate(indices):
-            row = self.stream[i * self.seq_len : (i + 1) * self.seq_len]
-            inputs[r, : len(row)] = row
-            labels[r, : len(row)] = row
-        return torch.from_numpy(inputs), torch.from_numpy(labels)
+        return _to_batch([self.row(i) for i in indices], self.seq_len, self.pad_id)
 
 
 class PaddedRows:
@@ -118,14 +125,11 @@ class PaddedRows:
     def __len__(self):
         return self.num_rows
 
+    def row(self, i: int) -> np.ndarray:
+        return np.concatenate([[self.bos_id], self.corpus.document(i), [self.eos_id]])[: self.seq_len]
+
     def get(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = np.full((len(indices), self.seq_len), self.pad_id, dtype=np.int64)
-        labels = np.full((len(indices), self.seq_len), IGNORE, dtype=np.int64)
-        for r, i in enumerate(indices):
-            row = np.concatenate([[self.bos_id], self.corpus.document(i), [self.eos_id]])[: self.seq_len]
-            inputs[r, : len(row)] = row
-            labels[r, : len(row)] = row
-        return torch.from_numpy(inputs), torch.from_numpy(labels)
+        return _to_batch([self.row(i) for i in indices], self.seq_len, self.pad_id)
 
 
 class BatchIterator:
