@@ -183,7 +183,12 @@ def test_crash_during_save_leaves_the_previous_checkpoint_intact(tmp_path, shake
         train(cfg, run, resume=True, show_progress=False)
     assert (run / "latest").read_text() == before
     ckpt_io.verify_checkpoint(ckpt_io.resolve_checkpoint(run))
-    assert not ckpt_io.list_checkpoints(run)[-1].name.startswith(".tmp")
+    assert [p.name for p in (run / "checkpoints").glob(".tmp_*")]  # the torn save is left where it fell...
+    monkeypatch.undo()
+    cfg.train.max_steps = 8
+    train(cfg, run, resume=True, show_progress=False)
+    assert not list((run / "checkpoints").glob(".tmp_*"))  # ...and cleaned up by the next good save
+    assert (run / "latest").read_text().strip() == "checkpoints/step_000008"
 
 
 def test_incomplete_checkpoint_is_reported(tmp_path, shakespeare, tokenizer_dir):
@@ -256,3 +261,14 @@ def test_separate_validation_file(tmp_path, shakespeare, tokenizer_dir):
     assert summary["first_val_loss"] is not None and summary["final_val_loss"] is not None
     evaluated = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in m]
     assert [m["step"] for m in evaluated] == [0, 6]
+
+
+def test_resume_drops_a_torn_metrics_line_and_later_steps(tmp_path):
+    from minipretrain.train.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n{"step": 3, "loss": 2.4}\n{"step": 4, "lo')
+    log = MetricsLog(path, resume_step=2)
+    log.write({"step": 3, "loss": 2.3})
+    log.close()
+    assert read_metrics(path) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 3, "loss": 2.3}]

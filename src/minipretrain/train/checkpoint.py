@@ -119,6 +119,8 @@ def save_checkpoint(run_dir: Path, step: int, model: MiniMind, cfg: Config, toke
 
 
 def _prune(ckpt_root: Path, keep: int, protect: Path) -> None:
+    for leftover in [*ckpt_root.glob(".tmp_step_*"), *ckpt_root.glob(".old_step_*")]:  # from a killed save
+        shutil.rmtree(leftover, ignore_errors=True)
     complete = sorted(p for p in ckpt_root.glob("step_*") if (p / META).exists())
     for old in complete[:-keep]:
         if old != protect:

@@ -10,6 +10,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -267,8 +268,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
     last_val, losses = first_val, []
     window_tokens, window_time = 0, 0.0
     session_tokens, session_time = 0, 0.0  # training steps only, not validation or saving
+    # Redirected to a file, the bar would write a line per step: refresh it every 30 s instead.
     bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not show_progress,
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
     try:
         while step < t.max_steps:
             step_start = time.perf_counter()

@@ -16,13 +16,21 @@ def flops_per_token(cfg, num_parameters: int, seq_len: int) -> int:
     return 6 * num_parameters + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
 
 
+def _parse(line: str) -> dict | None:
+    """A record, or None for a blank line or the torn last line of a killed run."""
+    try:
+        return json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+
+
 class MetricsLog:
     def __init__(self, path: Path, resume_step: int = 0):
         self.path = path
         if resume_step and path.exists():
             # A resumed run rewrites its history from the checkpoint on: drop what came after it.
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if (record := _parse(line)) is not None and record.get("step", 0) <= resume_step]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, path)
