@@ -297,7 +297,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
                 tokens_per_s = window_tokens / max(window_time, 1e-9)
                 metrics.write({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                                "elapsed": round(elapsed(), 3), "tokens_per_s": round(tokens_per_s, 1)})
-                bar.set_postfix_str(f"loss {step_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s")
+                bar.set_postfix_str(f"loss {step_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s", refresh=False)
                 window_tokens, window_time = 0, 0.0
             if val_rows is not None and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 last_val = validate()
