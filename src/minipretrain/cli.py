@@ -63,11 +63,9 @@ def cmd_generate(args) -> None:
 def cmd_eval(args) -> None:
     from minipretrain.data.batches import make_rows, tokenize_documents
     from minipretrain.data.sources import read_texts
-    from minipretrain.evaluate import evaluate
+    from minipretrain.evaluate import evaluate, token_byte_lengths
     from minipretrain.train.checkpoint import load_model_from_checkpoint
     from minipretrain.train.loop import resolve_device
-
-    import torch
 
     device = resolve_device(args.device)
     model, tokenizer, cfg, ckpt = load_model_from_checkpoint(args.ckpt, str(device))
@@ -77,7 +75,7 @@ def cmd_eval(args) -> None:
     texts, stats = read_texts(args.data, args.text_field, args.skip_bad_lines)
     corpus = tokenize_documents(texts, tokenizer, show_progress=not args.json)
     rows = make_rows(corpus, "packed", seq_len, tokenizer, for_eval=True)
-    token_bytes = torch.tensor(tokenizer.token_bytes() + [0] * (cfg.model.vocab_size - tokenizer.vocab_size))
+    token_bytes = token_byte_lengths(tokenizer, cfg.model.vocab_size)
     result = evaluate(model, rows, args.batch_size, token_bytes, device=str(device), show_progress=not args.json)
     result.update(checkpoint=str(ckpt), data=args.data, documents=stats.documents, seq_len=seq_len)
     if args.json:

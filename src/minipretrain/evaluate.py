@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
+def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
+    """UTF-8 bytes spelled by each of the model's vocab_size ids (0 for specials and ids past the tokenizer's)."""
+    lengths = tokenizer.token_bytes()
+    return torch.tensor(lengths + [0] * (vocab_size - len(lengths)))
+
+
 @torch.no_grad()
 def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batches: int | None = None,
              device: str = "cpu", autocast=None, show_progress: bool = False) -> dict:

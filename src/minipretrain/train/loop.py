@@ -25,7 +25,7 @@ from minipretrain.config import Config, ModelConfig
 from minipretrain.data.batches import BatchIterator, make_rows, split_documents, tokenize_documents
 from minipretrain.data.sources import read_texts
 from minipretrain.errors import CheckpointError, ConfigError, UserError
-from minipretrain.evaluate import evaluate
+from minipretrain.evaluate import evaluate, token_byte_lengths
 from minipretrain.generate import generate
 from minipretrain.model import MiniMind
 from minipretrain.tokenizer import Tokenizer, train_tokenizer
@@ -214,7 +214,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
     optimizer = build_optimizer(model, cfg.optim, device.type)
     autocast, scaler = mixed_precision(device, amp_dtype)
     batches = BatchIterator(train_rows, t.batch_size, t.seed)
-    token_bytes = torch.tensor(tokenizer.token_bytes() + [0] * (cfg.model.vocab_size - tokenizer.vocab_size))
+    token_bytes = token_byte_lengths(tokenizer, cfg.model.vocab_size)
 
     step, tokens, elapsed_before = 0, 0, 0.0
     if state is not None:
