@@ -124,3 +124,26 @@ def test_top_k_and_top_p_restrict_the_candidates():
     # top-p 0.5: the first token alone holds ~66% of the mass
     picks = {sample_next(logits, 1.0, None, 0.5, g).item() for _ in range(100)}
     assert picks == {0}
+
+
+def test_evaluate_bits_per_byte_counts_the_bytes_of_predicted_tokens():
+    import math
+
+    from minipretrain.data.batches import make_rows, tokenize_documents
+    from minipretrain.evaluate import evaluate, token_byte_lengths
+    from minipretrain.tokenizer import train_tokenizer
+
+    text = "def add(a, b):\n    return a + b  # 加法 ✓\n"
+    tokenizer = train_tokenizer([text * 20], 300, show_progress=False)
+    corpus = tokenize_documents([text], tokenizer, show_progress=False)
+    rows = make_rows(corpus, "packed", 64, tokenizer, for_eval=True)  # one partial row: text + eos
+    torch.manual_seed(0)
+    model = MiniMind(tiny_model_config())
+    result = evaluate(model, rows, 4, token_byte_lengths(tokenizer, 320))
+    ids = tokenizer.encode(text)
+    first_token_bytes = len(tokenizer.decode(ids[:1]).encode("utf-8"))
+    assert result["bytes"] == len(text.encode("utf-8")) - first_token_bytes  # eos spells no bytes
+    assert result["tokens"] == len(ids)  # every token after the first, plus the eos
+    inputs, labels = rows.get([0])
+    assert result["loss"] == pytest.approx(model(inputs, labels=labels).loss.item(), rel=1e-5)
+    assert result["bits_per_byte"] < result["loss"] * result["tokens"] / math.log(2) / result["bytes"]
