@@ -63,11 +63,13 @@ def test_end_to_end_run_lowers_validation_loss_on_real_text(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_gradient_accumulation_equals_one_big_batch(tmp_path, shakespeare, tokenizer_dir, layout):
+@pytest.mark.parametrize("micro_batch,accum", [(4, 2), (2, 4)])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, shakespeare, tokenizer_dir, layout, micro_batch, accum):
     common = [f"data.path={json.dumps(str(shakespeare))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}",
               f"data.layout={layout}", "train.max_steps=4", "data.val_fraction=0"]
     big = train(tiny_config(*common, "train.batch_size=8", "train.grad_accum=1"), tmp_path / "big", show_progress=False)
-    acc = train(tiny_config(*common, "train.batch_size=2", "train.grad_accum=4"), tmp_path / "acc", show_progress=False)
+    acc = train(tiny_config(*common, f"train.batch_size={micro_batch}", f"train.grad_accum={accum}"), tmp_path / "acc",
+                show_progress=False)
     a, b = _losses(tmp_path / "big"), _losses(tmp_path / "acc")
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     for step in a:
