@@ -221,10 +221,20 @@ def test_cli_generate_and_eval(tmp_path, shakespeare, tokenizer_dir, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["loss"] > 0 and result["perplexity"] == pytest.approx(2.718281828 ** result["loss"], rel=1e-6)
     assert 0 < result["bits_per_byte"] < 10
-    with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--ckpt", str(tmp_path / "nothing-here")])
-    assert exit_info.value.code == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    bad_calls = {
+        "no checkpoint": ["generate", "--ckpt", str(tmp_path / "nothing-here")],
+        "leave no room within the model's max_position_embeddings=128":
+            ["generate", "--ckpt", str(run), "--prompt", "word " * 200, "--device", "cpu"],
+        "--seq-len 4096 exceeds the model's max_position_embeddings=128":
+            ["eval", "--ckpt", str(run), "--data", str(shakespeare), "--seq-len", "4096", "--device", "cpu"],
+        "not found": ["eval", "--ckpt", str(run), "--data", str(tmp_path / "missing.jsonl"), "--device", "cpu"],
+    }
+    for message, argv in bad_calls.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 def test_device_and_precision_resolution_on_cpu():

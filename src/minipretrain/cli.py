@@ -44,20 +44,19 @@ def cmd_tokenizer_train(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from minipretrain.generate import generate
+    from minipretrain.generate import complete
     from minipretrain.train.checkpoint import load_model_from_checkpoint
     from minipretrain.train.loop import resolve_device
 
     device = resolve_device(args.device)
-    model, tokenizer, _, ckpt = load_model_from_checkpoint(args.ckpt, str(device))
-    prompt = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
+    model, tokenizer, _, _ = load_model_from_checkpoint(args.ckpt, str(device))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
-        new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                       tokenizer.eos_id, use_cache=not args.no_cache, generator=generator)
+        text = complete(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                        args.top_p, use_cache=not args.no_cache, generator=generator)
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(args.prompt + tokenizer.decode(new))
+        print(text)
 
 
 def cmd_eval(args) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from minipretrain.errors import UserError
 from minipretrain.model import KVCache, MiniMind
 
 
@@ -38,7 +39,7 @@ def generate(model: MiniMind, prompt_ids: list[int], max_new_tokens: int = 64, t
     device = next(model.parameters()).device
     room = model.config.max_position_embeddings - len(prompt_ids)
     if room <= 0:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room within "
+        raise UserError(f"the prompt's {len(prompt_ids)} tokens leave no room within the model's "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     cache = KVCache() if use_cache else None
@@ -54,3 +55,13 @@ def generate(model: MiniMind, prompt_ids: list[int], max_new_tokens: int = 64, t
         ids = torch.cat([ids, step_input], dim=1)
     model.train(was_training)
     return new
+
+
+def complete(model: MiniMind, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
+             top_k: int | None = None, top_p: float | None = 0.95, use_cache: bool = True,
+             generator: torch.Generator | None = None) -> str:
+    """Prompt text -> prompt + continuation. An empty prompt starts a new document (after eos, as in packing)."""
+    prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+    new = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, use_cache,
+                   generator)
+    return prompt + tokenizer.decode(new)

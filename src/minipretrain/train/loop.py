@@ -26,7 +26,7 @@ from minipretrain.data.batches import BatchIterator, make_rows, split_documents,
 from minipretrain.data.sources import read_texts
 from minipretrain.errors import CheckpointError, ConfigError, UserError
 from minipretrain.evaluate import evaluate, token_byte_lengths
-from minipretrain.generate import generate
+from minipretrain.generate import complete
 from minipretrain.model import MiniMind
 from minipretrain.tokenizer import Tokenizer, train_tokenizer
 from minipretrain.train import checkpoint as ckpt_io
@@ -248,11 +248,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
         return result
 
     def sample():
-        prompt = tokenizer.encode(t.sample_prompt) if t.sample_prompt else [tokenizer.eos_id]
         generator = torch.Generator(device=device).manual_seed(t.seed)  # never touches the training RNG
-        new = generate(model, prompt, t.sample_tokens, temperature=0.8, top_p=0.95, eos_id=tokenizer.eos_id,
-                       generator=generator)
-        text = t.sample_prompt + tokenizer.decode(new)
+        text = complete(model, tokenizer, t.sample_prompt, t.sample_tokens, generator=generator)
         with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
             f.write(f"--- step {step}\n{text}\n")
         log(f"step {step} sample: {text[:300]!r}")
