@@ -121,10 +121,14 @@ def save_checkpoint(run_dir: Path, step: int, model: MiniMind, cfg: Config, toke
 def _prune(ckpt_root: Path, keep: int, protect: Path) -> None:
     for leftover in [*ckpt_root.glob(".tmp_step_*"), *ckpt_root.glob(".old_step_*")]:  # from a killed save
         shutil.rmtree(leftover, ignore_errors=True)
-    complete = sorted(p for p in ckpt_root.glob("step_*") if (p / META).exists())
-    for old in complete[:-keep]:
+    for old in complete_checkpoints(ckpt_root)[:-keep]:
         if old != protect:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Checkpoint directories whose save finished (meta.json is written last), oldest first."""
+    return sorted(p for p in ckpt_root.glob("step_*") if (p / META).exists())
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -90,7 +90,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool | str, overwrite: bool) -> Path
         try:
             ckpt_io.verify_checkpoint(ckpt)
         except CheckpointError as e:
-            earlier = [str(p) for p in sorted(ckpt.parent.glob("step_*")) if p != ckpt and (p / ckpt_io.META).exists()]
+            earlier = [str(p) for p in ckpt_io.complete_checkpoints(ckpt.parent) if p != ckpt]
             hint = f"; earlier checkpoints: {', '.join(earlier)} (resume one with --resume PATH)" if earlier else ""
             raise CheckpointError(f"{e}{hint}") from None
         return ckpt
@@ -263,8 +263,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
     first_val = validate() if val_rows is not None and step == 0 else None
     last_val, losses = first_val, []
-    window_tokens, window_time = 0, 0.0
-    session_tokens, session_time = 0, 0.0  # training steps only, not validation or saving
+    first_step = step
+    window_steps, window_time, session_time = 0, 0.0, 0.0  # time in training steps only, not eval or saving
     # Redirected to a file, the bar would write a line per step: refresh it every 30 s instead.
     bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not show_progress,
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -284,18 +284,17 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
             tokens += tokens_per_step
             losses.append(step_loss)
             step_time = time.perf_counter() - step_start
+            window_steps += 1
             window_time += step_time
-            window_tokens += tokens_per_step
             session_time += step_time
-            session_tokens += tokens_per_step
             bar.update(1)
 
             if step % t.log_every == 0 or step == t.max_steps:
-                tokens_per_s = window_tokens / max(window_time, 1e-9)
+                tokens_per_s = window_steps * tokens_per_step / max(window_time, 1e-9)
                 metrics.write({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                                "elapsed": round(elapsed(), 3), "tokens_per_s": round(tokens_per_s, 1)})
                 bar.set_postfix_str(f"loss {step_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s", refresh=False)
-                window_tokens, window_time = 0, 0.0
+                window_steps, window_time = 0, 0.0
             if val_rows is not None and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 last_val = validate()
             if t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
@@ -313,7 +312,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
     total_time = elapsed()
     summary = {
         "steps": step, "tokens": tokens, "elapsed_s": round(total_time, 1),
-        "tokens_per_s": round(session_tokens / max(session_time, 1e-9), 1),
+        "tokens_per_s": round((step - first_step) * tokens_per_step / max(session_time, 1e-9), 1),
         "final_train_loss": float(np.mean(losses[-10:])) if losses else None,
         "first_val_loss": first_val["loss"] if first_val else None,
         "final_val_loss": last_val["loss"] if last_val else None,
