@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from minipretrain.config import load_config
+from minipretrain.data.batches import Batch
 from minipretrain.errors import UserError
 from minipretrain.model import MiniMind
 from minipretrain.train.loop import (accumulate_gradients, apply_gradients, mixed_precision, resolve_device,
@@ -158,7 +159,7 @@ def main(argv=None) -> dict:
     seed_everything(t.seed)
     gen = torch.Generator().manual_seed(t.seed)
     inputs = [torch.randint(0, m.vocab_size, (t.batch_size, t.seq_len), generator=gen) for _ in range(8)]
-    batches = [(x, x.clone()) for x in inputs]  # labels are a copy of the inputs, as in PackedRows
+    batches = [Batch(x, x.clone()) for x in inputs]  # labels are a copy of the inputs, as in PackedRows
 
     base = MiniMind(m).to(device)
     models = [base, copy.deepcopy(base)] if args.compare_optimizer else [base]

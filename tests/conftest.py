@@ -21,7 +21,8 @@ def tiny_config(*overrides: str):
     """A whole training config for CPU tests: a 2-layer model, short rows, a few steps."""
     base = TINY_MODEL + ["train.batch_size=4", "train.seq_len=32", "train.max_steps=6", "train.eval_every=0",
                          "train.eval_batches=2", "train.save_every=0", "train.sample_tokens=8", "train.device=cpu",
-                         "optim.lr=3e-3", "optim.warmup_steps=2", "data.val_fraction=0.05"]
+                         "optim.lr=3e-3", "optim.warmup_steps=2", "data.val_fraction=0.05",
+                         "data.prepare_workers=1"]
     return load_config(None, base + list(overrides))
 
 
@@ -30,3 +31,22 @@ def shared_file(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not available")
     return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare(tmp_path_factory) -> Path:
+    """The first ~120 KB of tinyshakespeare, as a small text file: fast to tokenize, real text."""
+    text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:120_000]
+    path = tmp_path_factory.mktemp("data") / "shakespeare.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(shakespeare, tmp_path_factory) -> Path:
+    from minipretrain.data.sources import iter_documents
+    from minipretrain.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(iter_documents(str(shakespeare)), 320, show_progress=False).save(out)
+    return out

@@ -1,5 +1,5 @@
-"""Data: readers (JSONL, text, directories, globs, builtin), bad input, batch layouts, the batch iterator,
-validation splits, and data errors surfacing from `train()`."""
+"""Data sources: readers (JSONL, text, Parquet, directories, globs, builtin), bad input, and data errors
+surfacing from `train()`. Shards, rows and the sampler are in test_shards.py."""
 
 from __future__ import annotations
 
@@ -11,17 +11,7 @@ import pytest
 import torch
 
 from minipretrain.config import load_config
-from minipretrain.data.batches import (
-    IGNORE,
-    BatchIterator,
-    PackedRows,
-    PaddedRows,
-    TokenizedCorpus,
-    make_rows,
-    split_documents,
-    tokenize_documents,
-)
-from minipretrain.data.sources import ReadStats, iter_documents, python_docs, read_texts, resolve_files
+from minipretrain.data.sources import ReadStats, iter_documents, python_docs, resolve_files
 from minipretrain.errors import DataError, UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -194,8 +184,6 @@ def test_missing_file(tmp_path):
     with pytest.raises(DataError) as e:
         read(missing)
     assert str(missing) in str(e.value)
-    with pytest.raises(DataError):
-        read_texts(str(missing))
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------
@@ -275,273 +263,26 @@ def test_empty_documents_skipped_and_counted(tmp_path):
     assert "2 empty" in stats.summary()
 
 
-def test_read_texts_empty_dataset(tmp_path):
+def test_prepare_of_an_empty_dataset_is_an_error(tmp_path):
+    from minipretrain.data.shards import PrepareOptions, prepare
+
+    tokenizer = _char_tokenizer()
     path = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": "   "}])
     with pytest.raises(DataError) as e:
-        read_texts(str(path))
+        prepare([str(path)], tokenizer, tmp_path / "out", PrepareOptions(workers=1), show_progress=False)
     assert str(path) in str(e.value)
-    (tmp_path / "blank.txt").write_text("\n\n  \n")
-    with pytest.raises(DataError):
-        read_texts(str(tmp_path / "blank.txt"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     bad_only = tmp_path / "bad_only.jsonl"
     bad_only.write_bytes(BAD_JSONL["malformed JSON"])
     with pytest.raises(DataError):
-        read_texts(str(bad_only), skip_bad_lines=True)
+        prepare([str(bad_only)], tokenizer, tmp_path / "out", PrepareOptions(skip_bad_lines=True, workers=1),
+                show_progress=False)
 
 
-def test_read_texts_returns_texts_and_stats(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": ""}, {"text": "b"}])
-    texts, stats = read_texts(str(path))
-    assert texts == ["a", "b"] and stats.documents == 2 and stats.empty == 1
+def _char_tokenizer():
+    from minipretrain.tokenizer import train_tokenizer
 
-
-# --- tokenized corpus and row layouts ----------------------------------------------------------------------------
-
-EOS, BOS, PAD = 2, 1, 0
-
-
-def make_corpus(docs: list[list[int]]) -> TokenizedCorpus:
-    tokens = np.asarray([t for d in docs for t in d], dtype=np.uint16)
-    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
-    return TokenizedCorpus(tokens, offsets, np.asarray([len(d) for d in docs], dtype=np.int64))
-
-
-def random_docs(n: int, seed: int = 0, max_len: int = 40) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(3, 300, size=rng.integers(1, max_len)).tolist() for _ in range(n)]
-
-
-class CharTokenizer:
-    """A stand-in with the interface tokenize_documents uses: one token per character."""
-
-    vocab_size = 1000
-    pad_id, bos_id, eos_id = PAD, BOS, EOS
-
-    def encode_batch(self, texts):
-        return [[3 + (ord(c) % 997) for c in t] for t in texts]
-
-
-def test_tokenize_documents_offsets_and_bytes():
-    texts = ["abc", "", "héllo", "西游"]
-    corpus = tokenize_documents(texts, CharTokenizer(), chunk=2, show_progress=False)
-    assert corpus.num_documents == 4
-    assert corpus.offsets.tolist() == [0, 3, 3, 8, 10]
-    assert corpus.document(2).tolist() == [3 + ord(c) % 997 for c in "héllo"]
-    assert corpus.doc_bytes.tolist() == [len(t.encode("utf-8")) for t in texts]
-    assert corpus.num_bytes == sum(len(t.encode("utf-8")) for t in texts)
-    assert corpus.tokens.dtype == np.uint16
-
-
-def test_packed_stream_is_docs_joined_by_eos():
-    docs = [[5, 6, 7], [8], [9, 10, 11, 12], [13, 14]]
-    rows = PackedRows(make_corpus(docs), seq_len=4, eos_id=EOS, pad_id=PAD)
-    assert rows.stream.tolist() == [5, 6, 7, EOS, 8, EOS, 9, 10, 11, 12, EOS, 13, 14, EOS]
-    assert len(rows) == 14 // 4
-    inputs, labels = rows.get(np.arange(len(rows)))
-    assert inputs.tolist() == [[5, 6, 7, EOS], [8, EOS, 9, 10], [11, 12, EOS, 13]]
-    assert torch.equal(inputs, labels)
-
-
-@pytest.mark.parametrize("seq_len", [1, 7, 16, 64])
-def test_packed_training_rows_have_no_padding(seq_len):
-    docs = random_docs(50, seed=seq_len)
-    corpus = make_corpus(docs)
-    rows = PackedRows(corpus, seq_len, eos_id=EOS, pad_id=PAD)
-    expected_stream = [t for d in docs for t in d + [EOS]]
-    assert rows.stream.tolist() == expected_stream
-    assert len(rows) == len(expected_stream) // seq_len
-    inputs, labels = rows.get(np.arange(len(rows)))
-    assert inputs.shape == labels.shape == (len(rows), seq_len)
-    assert inputs.dtype == labels.dtype == torch.int64
-    assert (labels != IGNORE).all()
-    assert (inputs != PAD).all()
-    assert torch.equal(inputs, labels)
-    assert inputs.flatten().tolist() == expected_stream[: len(rows) * seq_len]
-    assert int((inputs == EOS).sum()) == sum(1 for t in expected_stream[: len(rows) * seq_len] if t == EOS)
-
-
-def test_packed_eval_rows_keep_partial_row():
-    docs = random_docs(20, seed=3)
-    stream = [t for d in docs for t in d + [EOS]]
-    seq_len = 16
-    assert len(stream) % seq_len != 0
-    rows = PackedRows(make_corpus(docs), seq_len, eos_id=EOS, pad_id=PAD, keep_partial=True)
-    assert len(rows) == -(-len(stream) // seq_len)
-    inputs, labels = rows.get(np.arange(len(rows)))
-    scored = labels != IGNORE
-    assert int(scored.sum()) == len(stream)  # every token scored once
-    assert labels[scored].tolist() == stream
-    assert (inputs[~scored] == PAD).all()
-    assert scored[:-1].all()  # only the final row is padded
-    tail = len(stream) % seq_len
-    assert scored[-1, :tail].all() and not scored[-1, tail:].any()
-
-
-def test_padded_rows_bos_doc_eos_truncated():
-    docs = [[5, 6, 7], [8] * 20, [], [9, 10, 11, 12, 13, 14]]
-    seq_len = 8
-    rows = PaddedRows(make_corpus(docs), seq_len, bos_id=BOS, eos_id=EOS, pad_id=PAD)
-    assert len(rows) == len(docs)
-    inputs, labels = rows.get(np.arange(len(docs)))
-    assert inputs.shape == (len(docs), seq_len)
-    for r, doc in enumerate(docs):
-        row = ([BOS] + doc + [EOS])[:seq_len]
-        n = len(row)
-        assert inputs[r, :n].tolist() == row
-        assert labels[r, :n].tolist() == row
-        assert (inputs[r, n:] == PAD).all()
-        assert (labels[r, n:] == IGNORE).all()
-    assert inputs[1].tolist() == [BOS] + [8] * 7  # truncated: no eos
-    assert inputs[0].tolist() == [BOS, 5, 6, 7, EOS, PAD, PAD, PAD]
-    assert labels[0].tolist() == [BOS, 5, 6, 7, EOS, IGNORE, IGNORE, IGNORE]
-
-
-def test_padded_rows_labels_ignore_exactly_the_padding():
-    docs = random_docs(30, seed=5, max_len=30)
-    seq_len = 20
-    rows = PaddedRows(make_corpus(docs), seq_len, bos_id=BOS, eos_id=EOS, pad_id=PAD)
-    inputs, labels = rows.get(np.arange(len(rows)))
-    lengths = [min(len(d) + 2, seq_len) for d in docs]
-    assert (labels != IGNORE).sum(dim=1).tolist() == lengths
-    assert ((labels == IGNORE) == (inputs == PAD)).all()  # token ids >= 3, so pad appears only as padding
-
-
-def test_make_rows_layouts():
-    corpus = make_corpus(random_docs(10))
-    tok = CharTokenizer()
-    assert isinstance(make_rows(corpus, "packed", 8, tok), PackedRows)
-    assert isinstance(make_rows(corpus, "padded", 8, tok), PaddedRows)
-    train_rows = make_rows(corpus, "packed", 8, tok)
-    eval_rows = make_rows(corpus, "packed", 8, tok, for_eval=True)
-    assert len(eval_rows) >= len(train_rows)
-
-
-# --- batch iterator -----------------------------------------------------------------------------------------------
-
-
-class IndexRows:
-    """Rows whose content is their own index, to see exactly which rows a batch holds."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def get(self, indices):
-        t = torch.as_tensor(indices, dtype=torch.int64)[:, None]
-        return t, t
-
-
-def take(it: BatchIterator, batches: int) -> list[list[int]]:
-    return [next(it)[0][:, 0].tolist() for _ in range(batches)]
-
-
-def test_batch_iterator_deterministic_for_a_seed():
-    a = take(BatchIterator(IndexRows(37), 4, seed=7), 30)
-    b = take(BatchIterator(IndexRows(37), 4, seed=7), 30)
-    c = take(BatchIterator(IndexRows(37), 4, seed=8), 30)
-    assert a == b
-    assert a != c
-
-
-@pytest.mark.parametrize("n, batch_size", [(40, 4), (37, 4), (5, 8), (1, 3), (10, 1)])
-def test_batch_iterator_covers_every_row_once_per_epoch(n, batch_size):
-    it = BatchIterator(IndexRows(n), batch_size, seed=1)
-    epochs = 4
-    batches = take(it, -(-epochs * n // batch_size))
-    assert all(len(b) == batch_size for b in batches)
-    flat = [i for batch in batches for i in batch]
-    orders = [flat[e * n : (e + 1) * n] for e in range(epochs)]
-    for order in orders:
-        assert sorted(order) == list(range(n))
-    if n > 3:
-        assert len({tuple(o) for o in orders}) == epochs  # each epoch a new order
-        assert orders[0] != list(range(n))  # shuffled
-
-
-def test_batch_iterator_epoch_counter():
-    it = BatchIterator(IndexRows(10), 5, seed=0)
-    take(it, 1)
-    assert it.state_dict()["epoch"] == 0 and it.state_dict()["index"] == 5
-    take(it, 1)
-    assert it.state_dict()["epoch"] == 1 and it.state_dict()["index"] == 0
-    take(it, 3)
-    assert it.state_dict()["epoch"] == 2 and it.state_dict()["index"] == 5
-
-
-def test_batch_iterator_without_shuffle():
-    it = BatchIterator(IndexRows(6), 4, seed=0, shuffle=False)
-    assert take(it, 3) == [[0, 1, 2, 3], [4, 5, 0, 1], [2, 3, 4, 5]]
-
-
-@pytest.mark.parametrize("consumed", [0, 1, 9, 10, 23])
-def test_batch_iterator_resume_gives_same_batches(consumed):
-    rows = IndexRows(37)
-    reference = BatchIterator(rows, 4, seed=3)
-    take(reference, consumed)
-    state = reference.state_dict()
-    state = json.loads(json.dumps(state))  # survives a JSON round trip (checkpoints store it)
-    expected = take(reference, 25)
-    resumed = BatchIterator(IndexRows(37), 4, seed=3)
-    take(resumed, 2)  # its own position is overwritten
-    resumed.load_state_dict(state)
-    assert take(resumed, 25) == expected
-
-
-def test_batch_iterator_resume_real_rows():
-    rows = PackedRows(make_corpus(random_docs(40, seed=9)), 8, eos_id=EOS)
-    a = BatchIterator(rows, 3, seed=11)
-    for _ in range(7):
-        next(a)
-    state = a.state_dict()
-    b = BatchIterator(rows, 3, seed=11)
-    b.load_state_dict(state)
-    for _ in range(10):
-        (xa, ya), (xb, yb) = next(a), next(b)
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-
-
-def test_batch_iterator_load_state_with_different_rows():
-    state = BatchIterator(IndexRows(37), 4, seed=3).state_dict()
-    with pytest.raises(DataError) as e:
-        BatchIterator(IndexRows(38), 4, seed=3).load_state_dict(state)
-    assert "37" in str(e.value) and "38" in str(e.value)
-    with pytest.raises(DataError):
-        BatchIterator(IndexRows(37), 4, seed=4).load_state_dict(state)
-
-
-def test_batch_iterator_no_rows():
-    with pytest.raises(DataError):
-        BatchIterator(IndexRows(0), 4, seed=0)
-
-
-# --- validation split ------------------------------------------------------------------------------------------------
-
-
-def test_split_documents_deterministic_and_disjoint():
-    texts = [f"document number {i}" for i in range(200)]
-    train1, val1 = split_documents(texts, 0.1)
-    train2, val2 = split_documents(list(texts), 0.1)
-    assert (train1, val1) == (train2, val2)
-    assert len(val1) == 20 and len(train1) == 180
-    assert not set(train1) & set(val1)
-    assert sorted(train1 + val1) == sorted(texts)
-    assert train1 == [t for t in texts if t in set(train1)]  # order kept
-    assert val1 != texts[-20:] and val1 != texts[:20]  # held out at random, not the tail
-
-
-def test_split_documents_holds_out_at_least_one():
-    texts = ["a", "b", "c"]
-    train, val = split_documents(texts, 0.001)
-    assert len(val) == 1 and len(train) == 2
-
-
-@pytest.mark.parametrize("texts, fraction", [(["only one"], 0.01), (["only one"], 0.5), (["a", "b"], 0.9)])
-def test_split_documents_too_few(texts, fraction):
-    with pytest.raises(DataError) as e:
-        split_documents(texts, fraction)
-    assert "val_fraction" in str(e.value)
+    return train_tokenizer(["abc def"], 260, show_progress=False)
 
 
 # --- data errors from train() -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,9 +60,33 @@ def cmd_generate(args) -> None:
         print(text)
 
 
+def cmd_data_prepare(args) -> None:
+    from minipretrain.data.shards import PrepareOptions, prepare
+    from minipretrain.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.tokenizer)
+    options = PrepareOptions(args.text_field, args.skip_bad_lines, args.val_fraction, args.shard_tokens, args.workers)
+    prepare(args.data, tokenizer, args.out, options, show_progress=not args.no_progress, overwrite=args.overwrite)
+
+
+def cmd_data_info(args) -> None:
+    from minipretrain.data.shards import PreparedData, describe
+
+    data = PreparedData(args.dir, verify=not args.no_verify, show_progress=True)
+    m = data.manifest
+    print(f"{args.dir}: {describe(m)}")
+    print(f"  tokenizer {m['tokenizer_fingerprint']}, vocab {m['vocab_size']}, {m['dtype']}; shards "
+          f"{'verified (sizes, headers, sha256)' if not args.no_verify else 'checked (sizes, headers)'}")
+    for split, info in m["splits"].items():
+        for shard in info["shards"]:
+            print(f"  {shard['file']}: {shard['tokens']:,} tokens, {shard['documents']:,} documents")
+
+
 def cmd_eval(args) -> None:
-    from minipretrain.data.batches import make_rows, tokenize_documents
-    from minipretrain.data.sources import read_texts
+    import tempfile
+
+    from minipretrain.data.batches import make_rows
+    from minipretrain.data.shards import PrepareOptions, PreparedData, is_prepared, prepare
     from minipretrain.evaluate import evaluate, token_byte_lengths
     from minipretrain.train.checkpoint import load_model_from_checkpoint
     from minipretrain.train.loop import resolve_device
@@ -71,16 +96,26 @@ def cmd_eval(args) -> None:
     seq_len = args.seq_len or cfg.train.seq_len
     if seq_len > cfg.model.max_position_embeddings:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={cfg.model.max_position_embeddings}")
-    texts, stats = read_texts(args.data, args.text_field, args.skip_bad_lines)
-    corpus = tokenize_documents(texts, tokenizer, show_progress=not args.json)
-    rows = make_rows(corpus, "packed", seq_len, tokenizer, for_eval=True)
-    token_bytes = token_byte_lengths(tokenizer, cfg.model.vocab_size)
-    result = evaluate(model, rows, args.batch_size, token_bytes, device=str(device), show_progress=not args.json)
-    result.update(checkpoint=str(ckpt), data=args.data, documents=stats.documents, seq_len=seq_len)
+    with tempfile.TemporaryDirectory(prefix="minipretrain-eval-") as tmp:
+        directory = args.data
+        if not is_prepared(args.data):  # raw text: tokenize it into a scratch directory first
+            directory = Path(tmp) / "data"
+            prepare([args.data], tokenizer, directory, PrepareOptions(args.text_field, args.skip_bad_lines, workers=1),
+                    show_progress=not args.json, log=lambda message: None)
+        data = PreparedData(directory, tokenizer.fingerprint)
+        split = args.split or ("val" if data.split("val") is not None else "train")
+        stream = data.split(split)
+        if stream is None:
+            raise UserError(f"{args.data} has no documents in its {split} split")
+        rows = make_rows(stream, "packed", seq_len, tokenizer, cfg.data.document_mask, for_eval=True)
+        token_bytes = token_byte_lengths(tokenizer, cfg.model.vocab_size)
+        result = evaluate(model, rows, args.batch_size, token_bytes, device=str(device), show_progress=not args.json)
+    result.update(checkpoint=str(ckpt), data=args.data, split=split, documents=stream.num_documents, seq_len=seq_len)
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{ckpt} on {args.data} ({stats.summary()}, {result['tokens']:,} predicted tokens, seq {seq_len}):")
+        print(f"{ckpt} on {args.data} ({split}: {stream.num_documents:,} documents, {result['tokens']:,} predicted "
+              f"tokens, seq {seq_len}):")
         print(f"  loss {result['loss']:.4f}   perplexity {result['perplexity']:.2f}   "
               f"bits/byte {result['bits_per_byte']:.4f}")
 
@@ -111,6 +146,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_tokenizer_train)
 
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="tokenize text into binary token shards (then train with data.path=OUT)")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="JSONL, text or Parquet files, directories, globs or builtin:python-docs")
+    p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (the run's tokenizer)")
+    p.add_argument("--out", required=True, help="directory for the shards and manifest.json")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: CPU cores)")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="share of documents held out as the val split (default 0.01; 0 for none)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="start a new shard after this many tokens")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it holds other prepared data")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("info", help="summary of a prepared directory; verifies every shard's checksum")
+    p.add_argument("dir")
+    p.add_argument("--no-verify", action="store_true", help="check sizes and headers only, skip the sha256")
+    p.set_defaults(func=cmd_data_info)
+
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
     p.add_argument("--prompt", default="")
@@ -126,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on some text")
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="a text file, directory or glob, or a prepared directory")
+    p.add_argument("--split", choices=("train", "val"), default=None,
+                   help="split of a prepared directory (default: val when it has one)")
     p.add_argument("--seq-len", type=int, default=None, help="default: the training seq_len")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--text-field", default="text")

@@ -48,14 +48,50 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a weighted mixture: `data.sources = [{path = "en.jsonl", weight = 0.7}, ...]`."""
+    path: str
+    weight: float = 1.0
+    name: str | None = None  # for per-source logs; default: the file or directory name
+
+
+@dataclass
 class DataConfig:
-    path: str = "builtin:python-docs"  # a file, directory, glob, or `builtin:python-docs`
+    path: str = "builtin:python-docs"  # a file, directory, glob, prepared directory, or `builtin:python-docs`
+    sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture instead of `path`
     text_field: str = "text"  # the JSONL field holding the document
     layout: str = "packed"  # packed: documents joined by eos, no padding | padded: MiniMind's one document per row
     val_fraction: float = 0.01  # share of documents held out for validation (ignored when val_path is set)
     val_path: str | None = None
     tokenizer: str | None = None  # a directory with tokenizer.json; None: train one on the training data
     skip_bad_lines: bool = False  # skip (and count) malformed lines instead of stopping with an error
+    document_mask: bool = False  # packed rows: attend only within each document, positions restart per document
+    prepare_workers: int = 0  # processes that tokenize raw sources into the run directory; 0: one per CPU core
+
+    def mixture(self) -> list[SourceConfig]:
+        """The sources to train on, each with a unique name: `sources`, or `path` as a single source."""
+        sources = self.sources or [SourceConfig(self.path)]
+        named, seen = [], set()
+        for source in sources:
+            name = source.name or source_name(source.path)
+            base, n = name, 1
+            while name in seen:
+                n += 1
+                name = f"{base}_{n}"
+            seen.add(name)
+            named.append(SourceConfig(source.path, source.weight, name))
+        return named
+
+
+def source_name(path: str) -> str:
+    """A short label for a data path: its file or directory name without suffix (`builtin-python-docs` for
+    the built-in corpus)."""
+    if path.startswith("builtin:"):
+        return path.replace(":", "-")
+    name = Path(path.rstrip("/\\")).name
+    for suffix in (".jsonl", ".json", ".txt", ".md", ".text", ".parquet"):
+        name = name.removesuffix(suffix)
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "data"
 
 
 @dataclass
@@ -118,6 +154,10 @@ _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConf
 
 
 def _toml_value(value) -> str:
+    if isinstance(value, dict):  # an inline table (mixture sources); None means the default
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -134,7 +174,27 @@ def _parse_value(text: str):
         return text
 
 
+def _check_sources(key: str, value) -> list[SourceConfig]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of tables like [{{path = \"a.jsonl\", weight = 0.7}}], "
+                          f"got {value!r}")
+    hints = typing.get_type_hints(SourceConfig)
+    sources = []
+    for i, item in enumerate(value):
+        if isinstance(item, SourceConfig):
+            item = dataclasses.asdict(item)
+        if not isinstance(item, dict) or "path" not in item:
+            raise ConfigError(f"{key}[{i}]: expected a table with a path, like {{path = \"a.jsonl\", weight = 0.7}}")
+        unknown = set(item) - set(hints)
+        if unknown:
+            raise ConfigError(f"{key}[{i}]: unknown key {sorted(unknown)[0]} (known: {', '.join(hints)})")
+        sources.append(SourceConfig(**{k: _check_type(f"{key}[{i}].{k}", v, hints[k]) for k, v in item.items()}))
+    return sources
+
+
 def _check_type(key: str, value, annotation):
+    if annotation == list[SourceConfig]:
+        return _check_sources(key, value)
     hints = typing.get_args(annotation) or (annotation,)
     allowed = [h for h in hints if h is not type(None)]
     if value is None and len(allowed) < len(hints):
@@ -239,3 +299,11 @@ def validate(cfg: Config) -> None:
     _require(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     _require(bool(d.path), "data.path", "must name a file, directory, glob or builtin:python-docs")
     _require(bool(d.text_field), "data.text_field", "must not be empty")
+    _require(d.prepare_workers >= 0, "data.prepare_workers", f"must be >= 0 (0: one per CPU core), got {d.prepare_workers}")
+    _require(not (d.document_mask and d.layout == "padded"), "data.document_mask",
+             "needs data.layout=packed (a padded row already holds a single document)")
+    _require(not (d.sources and d.path != DataConfig.path), "data.sources",
+             "set either data.path (one source) or data.sources (a mixture), not both")
+    for i, source in enumerate(d.sources):
+        _require(bool(source.path), f"data.sources[{i}].path", "must name a file, directory, glob or builtin corpus")
+        _require(source.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {source.weight}")

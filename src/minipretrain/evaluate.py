@@ -36,10 +36,10 @@ def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batche
     bytes_counted = 0
     for b in tqdm(range(n_batches), desc="eval", disable=not show_progress, leave=False):
         indices = np.arange(b * batch_size, min((b + 1) * batch_size, len(rows)))
-        inputs, labels = (t.to(device) for t in rows.get(indices))
+        batch = rows.get(indices).to(device)
         with autocast or nullcontext():
-            logits = model(inputs).logits
-        targets = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+            logits = model(batch.inputs, doc_ids=batch.doc_ids).logits
+        targets = F.pad(batch.labels[:, 1:], (0, 1), value=-100).flatten()
         valid = targets != -100
         losses = F.cross_entropy(logits.flatten(0, 1).float()[valid], targets[valid], reduction="none").double()
         nbytes = token_bytes[targets[valid]]
@@ -48,11 +48,23 @@ def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batche
         targets_counted += int(valid.sum())
         bytes_counted += int(nbytes.sum())
     model.train(was_training)
-    loss = nats.item() / max(targets_counted, 1)
+    return _result(nats.item(), nats_with_bytes.item(), targets_counted, bytes_counted)
+
+
+def _result(nats: float, nats_with_bytes: float, tokens: int, nbytes: int) -> dict:
+    loss = nats / max(tokens, 1)
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 700)),
-        "bits_per_byte": nats_with_bytes.item() / math.log(2) / max(bytes_counted, 1),
-        "tokens": targets_counted,
-        "bytes": bytes_counted,
+        "bits_per_byte": nats_with_bytes / math.log(2) / max(nbytes, 1),
+        "tokens": tokens,
+        "bytes": nbytes,
+        "nats": nats,
+        "nats_with_bytes": nats_with_bytes,
     }
+
+
+def combine_results(results: list[dict]) -> dict:
+    """One result over several evaluations (e.g. per-source validation sets), weighted by tokens and bytes."""
+    return _result(sum(r["nats"] for r in results), sum(r["nats_with_bytes"] for r in results),
+                   sum(r["tokens"] for r in results), sum(r["bytes"] for r in results))

@@ -3,6 +3,7 @@
 token ids -> tied embedding -> N x [RMSNorm -> grouped-query attention with RoPE -> residual,
                                     RMSNorm -> SwiGLU feed-forward -> residual]
           -> final RMSNorm -> logits through the (tied) embedding matrix
+Optional document masking (doc_ids): packed documents attend only within themselves and restart RoPE at 0.
 
 Parameter names follow Hugging Face's Llama/Qwen layout (embed_tokens, layers.N.self_attn.q_proj, ...), so the
 weights map one to one onto `transformers` models. This file knows nothing about devices, precision or
@@ -11,6 +12,7 @@ parallelism; the trainer applies those from outside.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -19,6 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipretrain.config import ModelConfig
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # a torch without FlexAttention: document masks go through SDPA with a dense mask
+    create_block_mask = flex_attention = None
 
 
 class LMOutput(NamedTuple):
@@ -45,10 +52,53 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x, cos, sin):
-    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim)."""
+    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim), or (batch, 1, seq, head_dim) for per-row
+    positions."""
     half = x.size(-1) // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def document_runs(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """doc_ids (batch, seq) -> (run, position), both (batch, seq): which contiguous run of equal ids each token
+    belongs to (counted from 1 in its row) and its index within that run. Mask and RoPE both use the runs, so
+    they agree even if a row reuses an id for two separate documents."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    index = torch.arange(doc_ids.size(1), device=doc_ids.device).expand_as(doc_ids)
+    run_start = torch.where(starts, index, 0).cummax(dim=1).values  # index of the latest run start so far
+    return starts.cumsum(dim=1), index - run_start
+
+
+def document_mask_mod(run: torch.Tensor):
+    """FlexAttention mask_mod: query q sees key k when k is not in the future and both lie in the same run.
+    Called with broadcastable index tensors it also builds the dense mask (see dense_document_mask)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (run[b, q_idx] == run[b, kv_idx])
+
+    return mask_mod
+
+
+def dense_document_mask(run: torch.Tensor) -> torch.Tensor:
+    """The boolean (batch, 1, seq, seq) mask for SDPA, True where attention is allowed."""
+    batch, seq = run.shape
+    i = torch.arange(seq, device=run.device)
+    b = torch.arange(batch, device=run.device).view(batch, 1, 1, 1)
+    return document_mask_mod(run)(b, 0, i.view(1, 1, seq, 1), i.view(1, 1, 1, seq))
+
+
+def attention_backend(device: torch.device | str) -> str:
+    """How document-masked attention runs: "flex" (FlexAttention, skips fully masked blocks) on CUDA when it
+    imports, else "sdpa" with a dense boolean mask. FlexAttention on CPU in torch 2.13 runs the forward only
+    (no backward), so CPU always gets "sdpa"."""
+    return "flex" if flex_attention is not None and torch.device(device).type == "cuda" else "sdpa"
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # Eager flex_attention materialises the full score matrix; compiled, it is a fused kernel.
+    return torch.compile(flex_attention)
 
 
 class KVCache:
@@ -85,7 +135,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, doc_mask=None):
+        """doc_mask: None (plain causal), a boolean (batch, 1, seq, seq) mask for SDPA, or a FlexAttention
+        BlockMask."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -93,6 +145,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if doc_mask is not None and not torch.is_tensor(doc_mask):  # a BlockMask (never with a cache)
+            flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+            y = flex(q, k, v, block_mask=doc_mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
         past = 0
         if cache is not None:
@@ -104,6 +160,8 @@ class Attention(nn.Module):
         if past and seq > 1:
             mask = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(diagonal=past)
             causal = False
+        if doc_mask is not None:
+            mask, causal = doc_mask, False
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves n_heads / n_kv heads
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
@@ -135,12 +193,16 @@ class Block(nn.Module):
         self.mlp = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+    def forward(self, x, cos, sin, cache=None, doc_mask=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, doc_mask))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
 class MiniMind(nn.Module):
+    # Backend for document-masked attention: None picks attention_backend(device); "flex" or "sdpa" forces one
+    # (tests set "flex" to compare the two on CPU).
+    attn_backend: str | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -164,12 +226,30 @@ class MiniMind(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
+    def attention_backend_for(self, device) -> str:
+        backend = self.attn_backend or attention_backend(device)
+        if backend == "flex" and self.training and self.config.dropout > 0:
+            return "sdpa"  # FlexAttention has no attention dropout
+        return backend
+
+    def _document_mask(self, run: torch.Tensor):
+        if self.attention_backend_for(run.device) == "flex":
+            batch, seq = run.shape
+            return create_block_mask(document_mask_mod(run), batch, None, seq, seq, device=run.device)
+        return dense_document_mask(run)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
 
-    def forward(self, input_ids, labels=None, cache: KVCache | None = None) -> LMOutput:
+    def forward(self, input_ids, labels=None, cache: KVCache | None = None, doc_ids=None) -> LMOutput:
         """input_ids: (batch, seq). labels: same shape, aligned with input_ids (the shift happens here),
-        -100 where no loss is wanted. With a cache, positions continue after what it holds."""
+        -100 where no loss is wanted. With a cache, positions continue after what it holds. doc_ids: optional
+        (batch, seq) integers, equal within each contiguous document: attention stays inside a document and
+        positions restart at 0 at each document start."""
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids and cache cannot be used together")
+        if doc_ids is not None and doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         start = cache.length if cache is not None else 0
         seq = input_ids.size(1)
         if start + seq > self.config.max_position_embeddings:
@@ -177,9 +257,14 @@ class MiniMind(nn.Module):
                 f"sequence of {start + seq} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
             )
         cos, sin = self.rope_cos[start : start + seq], self.rope_sin[start : start + seq]
+        doc_mask = None
+        if doc_ids is not None:
+            run, positions = document_runs(doc_ids)
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+            doc_mask = self._document_mask(run)  # built once, shared by every layer
         x = self.dropout(self.embed_tokens(input_ids))
         for block in self.layers:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, doc_mask)
         logits = self.lm_head(self.norm(x))
         loss = None
         if labels is not None:

@@ -1,185 +1,180 @@
-"""From documents to training batches.
+"""From token streams to training batches.
 
-    corpus  = tokenize_documents(texts, tokenizer)      # all tokens in one array + document offsets
-    rows    = PackedRows(corpus, seq_len, eos_id)       # or PaddedRows(corpus, seq_len, tokenizer)
-    batches = BatchIterator(rows, batch_size, seed)     # deterministic order; state = (epoch, index)
+    rows    = PackedRows(shards, seq_len, document_mask=True)   # or PaddedRows(shards, seq_len, bos_id)
+    sampler = MixtureSampler([("en", rows_en), ("zh", rows_zh)], weights=[0.7, 0.3], seed=1337)
+    batch   = sampler.next_batch(batch_size, rank=0, world=1)    # Batch(inputs, labels, doc_ids)
 
-`packed` joins documents with eos and cuts the stream into full rows: no position is padding.
+`packed` cuts the stream doc0 eos doc1 eos ... into rows of seq_len: no position is padding. With document masking
+each row also carries doc_ids, so attention stays inside a document and positions restart at each one; the label
+of a document's first token is -100 (nothing before it in its own document predicts it).
 `padded` is MiniMind's layout: one document per row, bos + text + eos, truncated, padded, labels -100 on padding.
 Labels are aligned with input_ids; the model shifts them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from minipretrain.errors import DataError
 
 IGNORE = -100
 
 
-@dataclass
-class TokenizedCorpus:
-    tokens: np.ndarray  # every document's tokens back to back, no separators
-    offsets: np.ndarray  # int64, document i is tokens[offsets[i]:offsets[i + 1]]
-    doc_bytes: np.ndarray  # UTF-8 bytes of each source document (for bits per byte)
+class Batch(NamedTuple):
+    inputs: torch.Tensor  # (batch, seq) token ids
+    labels: torch.Tensor  # (batch, seq), -100 where no loss is wanted
+    doc_ids: torch.Tensor | None = None  # (batch, seq) document index within each row, with document masking
 
-    @property
-    def num_bytes(self) -> int:
-        return int(self.doc_bytes.sum())
-
-    @property
-    def num_documents(self) -> int:
-        return len(self.offsets) - 1
-
-    def document(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in self))
 
 
-def tokenize_documents(texts: Iterable[str], tokenizer, chunk: int = 512, show_progress: bool = True,
-                       desc: str = "tokenize") -> TokenizedCorpus:
-    """Encode documents in batches (the Rust tokenizer runs a batch on all cores)."""
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
-    pieces, lengths, doc_bytes, buffer = [], [], [], []
-    bar = tqdm(desc=desc, unit=" docs", disable=not show_progress, leave=False)
-
-    def flush():
-        for ids in tokenizer.encode_batch(buffer):
-            pieces.append(np.asarray(ids, dtype=dtype))
-            lengths.append(len(ids))
-        bar.update(len(buffer))
-        buffer.clear()
-
-    for text in texts:
-        buffer.append(text)
-        doc_bytes.append(len(text.encode("utf-8")))
-        if len(buffer) >= chunk:
-            flush()
-    if buffer:
-        flush()
-    bar.close()
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
-    return TokenizedCorpus(tokens, offsets, np.asarray(doc_bytes, dtype=np.int64))
-
-
-def split_documents(texts: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """Hold out a fixed, seed-independent set of documents (at least one), so every run validates on the same text."""
-    n = len(texts)
-    n_val = max(1, round(n * fraction))
-    if n_val >= n:
-        raise DataError(f"only {n} document(s): too few to hold out data.val_fraction={fraction} for validation; "
-                        "add data, set data.val_path, or set data.val_fraction=0")
-    held_out = np.zeros(n, dtype=bool)
-    held_out[np.random.default_rng(0).permutation(n)[:n_val]] = True
-    return [t for t, h in zip(texts, held_out) if not h], [t for t, h in zip(texts, held_out) if h]
-
-
-def _to_batch(rows: list[np.ndarray], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, labels) of shape (len(rows), seq_len): short rows padded with pad_id, their labels -100."""
+def _to_batch(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], seq_len: int, pad_id: int) -> Batch:
+    """Rows of (tokens, labels, doc_ids) into tensors of shape (len(rows), seq_len); short rows are padded with
+    pad_id and labels -100 (padding continues the last document, and only ever attends to it)."""
     inputs = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
     labels = np.full((len(rows), seq_len), IGNORE, dtype=np.int64)
-    for r, row in enumerate(rows):
-        inputs[r, : len(row)] = row
-        labels[r, : len(row)] = row
-    return torch.from_numpy(inputs), torch.from_numpy(labels)
+    with_docs = rows[0][2] is not None
+    doc_ids = np.zeros((len(rows), seq_len), dtype=np.int64) if with_docs else None
+    for r, (tokens, row_labels, row_docs) in enumerate(rows):
+        inputs[r, : len(tokens)] = tokens
+        labels[r, : len(tokens)] = row_labels
+        if with_docs:
+            doc_ids[r, : len(tokens)] = row_docs
+            doc_ids[r, len(tokens):] = row_docs[-1] if len(tokens) else 0
+    return Batch(torch.from_numpy(inputs), torch.from_numpy(labels),
+                 torch.from_numpy(doc_ids) if with_docs else None)
 
 
 class PackedRows:
-    """The stream doc0 eos doc1 eos ... cut into rows of seq_len tokens. Training drops the final partial row;
-    evaluation keeps it (padded, labels -100) so every token is scored."""
+    """Row i is tokens [i * seq_len, (i + 1) * seq_len) of the stream, read from the memory map. Training drops
+    the final partial row; evaluation keeps it (padded, labels -100) so every token is scored."""
 
-    def __init__(self, corpus: TokenizedCorpus, seq_len: int, eos_id: int, pad_id: int = 0, keep_partial: bool = False):
-        stream = np.empty(len(corpus.tokens) + corpus.num_documents, dtype=np.int64)
-        ends = corpus.offsets[1:] + np.arange(1, corpus.num_documents + 1)  # position after each doc's eos
-        is_eos = np.zeros(len(stream), dtype=bool)
-        is_eos[ends - 1] = True
-        stream[is_eos] = eos_id
-        stream[~is_eos] = corpus.tokens
-        self.stream, self.seq_len, self.pad_id = stream, seq_len, pad_id
-        self.num_rows = len(stream) // seq_len + (1 if keep_partial and len(stream) % seq_len else 0)
+    def __init__(self, stream, seq_len: int, pad_id: int = 0, keep_partial: bool = False,
+                 document_mask: bool = False):
+        self.stream, self.seq_len, self.pad_id, self.document_mask = stream, seq_len, pad_id, document_mask
+        n = stream.num_tokens
+        self.num_rows = n // seq_len + (1 if keep_partial and n % seq_len else 0)
 
     def __len__(self):
         return self.num_rows
 
-    def row(self, i: int) -> np.ndarray:
-        return self.stream[i * self.seq_len : (i + 1) * self.seq_len]
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        start = i * self.seq_len
+        tokens = self.stream.read(start, start + self.seq_len)
+        labels = tokens.copy()
+        doc_ids = None
+        if self.document_mask:
+            begins = self.stream.document_starts(start + 1, start + len(tokens)) - start
+            doc_ids = np.zeros(len(tokens), dtype=np.int64)
+            doc_ids[begins] = 1
+            doc_ids = np.cumsum(doc_ids)
+            labels[begins] = IGNORE  # a document's first token has no context in its own document
+        return tokens, labels, doc_ids
 
-    def get(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return _to_batch([self.row(i) for i in indices], self.seq_len, self.pad_id)
+    def get(self, indices) -> Batch:
+        return _to_batch([self.example(int(i)) for i in indices], self.seq_len, self.pad_id)
 
 
 class PaddedRows:
     """MiniMind's layout: row i is bos + document i + eos, truncated to seq_len, then padded."""
 
-    def __init__(self, corpus: TokenizedCorpus, seq_len: int, bos_id: int, eos_id: int, pad_id: int = 0):
-        self.corpus, self.seq_len = corpus, seq_len
-        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.num_rows = corpus.num_documents
+    def __init__(self, stream, seq_len: int, bos_id: int, pad_id: int = 0):
+        self.stream, self.seq_len, self.bos_id, self.pad_id = stream, seq_len, bos_id, pad_id
+        self.num_rows = stream.num_documents
 
     def __len__(self):
         return self.num_rows
 
-    def row(self, i: int) -> np.ndarray:
-        return np.concatenate([[self.bos_id], self.corpus.document(i), [self.eos_id]])[: self.seq_len]
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray, None]:
+        tokens = np.concatenate([[self.bos_id], self.stream.document(i)])[: self.seq_len]  # the stored doc ends in eos
+        return tokens, tokens, None
 
-    def get(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return _to_batch([self.row(i) for i in indices], self.seq_len, self.pad_id)
+    def get(self, indices) -> Batch:
+        return _to_batch([self.example(int(i)) for i in indices], self.seq_len, self.pad_id)
 
 
-class BatchIterator:
-    """Endless, deterministic batches. Epoch e visits the rows in permutation (seed, e); the whole position is
-    (epoch, index), so resuming is O(1) and reads nothing it skips."""
+def make_rows(stream, layout: str, seq_len: int, tokenizer, document_mask: bool = False, for_eval: bool = False):
+    if layout == "padded":
+        return PaddedRows(stream, seq_len, tokenizer.bos_id, tokenizer.pad_id)
+    return PackedRows(stream, seq_len, tokenizer.pad_id, keep_partial=for_eval, document_mask=document_mask)
 
-    def __init__(self, rows, batch_size: int, seed: int, shuffle: bool = True):
-        if len(rows) == 0:
-            raise DataError("no rows to batch")
-        self.rows, self.batch_size, self.seed, self.shuffle = rows, batch_size, seed, shuffle
-        self.epoch, self.index = 0, 0
-        self._order_epoch, self._order = -1, None
 
-    def _epoch_order(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
-            n = len(self.rows)
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order_epoch = self.epoch
-        return self._order
+class MixtureSampler:
+    """Endless, deterministic batches from weighted sources. The whole position is a few integers: how many rows
+    were drawn from each source. So resuming is O(1) and reads nothing it skips.
 
-    def next_indices(self) -> np.ndarray:
+    Sample k of the global sequence comes from the source furthest behind its share (weight * (k + 1) - drawn is
+    largest), so every prefix of the sequence matches the weights to within one row per source. A source's j-th
+    row is its (j mod n)-th row in the permutation (seed, source, epoch = j div n): a source that runs out starts a
+    new epoch with a new shuffle. The global sequence does not depend on how many data-parallel ranks consume it:
+    each step, rank r of `world` takes its slice of the next world * batch_size samples."""
+
+    def __init__(self, sources: list[tuple[str, object]], weights: list[float], seed: int, shuffle: bool = True,
+                 fingerprints: list[str] | None = None):
+        if not sources:
+            raise DataError("no data sources")
+        for name, rows in sources:
+            if len(rows) == 0:
+                raise DataError(f"data source {name!r} has no rows")
+        self.names = [name for name, _ in sources]
+        self.rows = [rows for _, rows in sources]
+        total = float(sum(weights))
+        self.weights = np.asarray(weights, dtype=np.float64) / total
+        self.seed, self.shuffle = seed, shuffle
+        self.fingerprints = fingerprints or [""] * len(sources)  # identify each source's tokens, for resume
+        self.drawn = [0] * len(sources)
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}
+
+    @property
+    def consumed(self) -> int:
+        return sum(self.drawn)
+
+    def _row_of(self, source: int, j: int) -> int:
+        n = len(self.rows[source])
+        epoch = j // n
+        if not self.shuffle:
+            return j % n
+        cached = self._orders.get(source)
+        if cached is None or cached[0] != epoch:
+            order = np.random.default_rng([self.seed, source, epoch]).permutation(n)
+            self._orders[source] = cached = (epoch, order)
+        return int(cached[1][j % n])
+
+    def next_samples(self, count: int) -> list[tuple[int, int]]:
+        """The next `count` samples of the global sequence as (source, row)."""
         out = []
-        while len(out) < self.batch_size:
-            order = self._epoch_order()
-            take = order[self.index : self.index + self.batch_size - len(out)]
-            out.extend(take.tolist())
-            self.index += len(take)
-            if self.index >= len(order):
-                self.epoch, self.index = self.epoch + 1, 0
-        return np.asarray(out, dtype=np.int64)
+        for _ in range(count):
+            behind = self.weights * (self.consumed + 1) - np.asarray(self.drawn)
+            source = int(np.argmax(behind))
+            out.append((source, self._row_of(source, self.drawn[source])))
+            self.drawn[source] += 1
+        return out
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rows.get(self.next_indices())
+    def next_batch(self, batch_size: int, rank: int = 0, world: int = 1) -> Batch:
+        samples = self.next_samples(batch_size * world)[rank * batch_size : (rank + 1) * batch_size]
+        examples = [self.rows[source].example(row) for source, row in samples]
+        seq_len = self.rows[0].seq_len
+        return _to_batch(examples, seq_len, self.rows[0].pad_id)
 
-    def __iter__(self):
-        return self
+    def tokens_by_source(self, seq_len: int) -> dict[str, int]:
+        """Row positions drawn from each source so far (all ranks together)."""
+        return {name: n * seq_len for name, n in zip(self.names, self.drawn)}
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "num_rows": len(self.rows)}
+        return {"drawn": list(self.drawn), "seed": self.seed, "names": list(self.names),
+                "num_rows": [len(r) for r in self.rows], "fingerprints": list(self.fingerprints)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_rows"] != len(self.rows) or state["seed"] != self.seed:
+        now = self.state_dict()
+        changed = [k for k in ("names", "num_rows", "seed", "fingerprints") if state.get(k) != now[k]]
+        if changed:
             raise DataError(
-                f"the training data changed since the checkpoint ({state['num_rows']} rows with seed {state['seed']} "
-                f"then, {len(self.rows)} rows with seed {self.seed} now): resume with the same data and train.seed"
-            )
-        self.epoch, self.index = state["epoch"], state["index"]
-
-
-def make_rows(corpus: TokenizedCorpus, layout: str, seq_len: int, tokenizer, for_eval: bool = False):
-    if layout == "padded":
-        return PaddedRows(corpus, seq_len, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
-    return PackedRows(corpus, seq_len, tokenizer.eos_id, tokenizer.pad_id, keep_partial=for_eval)
+                f"the training data changed since the checkpoint ({', '.join(changed)} differ: sources "
+                f"{state.get('names')} with {state.get('num_rows')} rows, seed {state.get('seed')}, tokens "
+                f"{state.get('fingerprints')} then; {now['names']} with {now['num_rows']} rows, seed {now['seed']}, "
+                f"tokens {now['fingerprints']} now): resume with the same data, sources and train.seed")
+        self.drawn = list(state["drawn"])

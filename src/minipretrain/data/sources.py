@@ -22,12 +22,15 @@ from minipretrain.errors import DataError
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 JSONL_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+PARQUET_SUFFIXES = (".parquet",)
+KNOWN_SUFFIXES = JSONL_SUFFIXES + TEXT_SUFFIXES + PARQUET_SUFFIXES
 
 
 @dataclass
 class ReadStats:
     documents: int = 0
     bytes: int = 0  # UTF-8 bytes of the documents yielded
+    input_bytes: int = 0  # bytes read from the input files (for progress and MB/s)
     empty: int = 0  # documents with no text, skipped
     skipped: Counter = field(default_factory=Counter)  # bad lines skipped, by reason
 
@@ -40,14 +43,14 @@ class ReadStats:
 
 
 def resolve_files(spec: str) -> list[Path]:
-    """A file, a directory (its .jsonl/.json/.txt/.md files, recursively) or a glob, in sorted order."""
+    """A file, a directory (its .jsonl/.json/.txt/.md/.parquet files, recursively) or a glob, in sorted order."""
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in JSONL_SUFFIXES + TEXT_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in KNOWN_SUFFIXES)
         if not files:
-            raise DataError(f"data directory {spec} has no {', '.join(JSONL_SUFFIXES + TEXT_SUFFIXES)} files")
+            raise DataError(f"data directory {spec} has no {', '.join(KNOWN_SUFFIXES)} files")
         return files
     if glob.has_magic(spec):
         files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True) if Path(p).is_file())
@@ -65,13 +68,11 @@ def iter_documents(spec: str, text_field: str = "text", skip_bad_lines: bool = F
     elif spec.startswith("builtin:"):
         raise DataError(f"unknown built-in corpus {spec} (available: {BUILTIN_PYTHON_DOCS})")
     else:
-        sources = [
-            _read_jsonl(f, text_field, skip_bad_lines, stats) if f.suffix in JSONL_SUFFIXES
-            else _read_text(f, skip_bad_lines, stats)
-            for f in resolve_files(spec)
-        ]
+        sources = [_reader(f)(f, text_field, skip_bad_lines, stats) for f in resolve_files(spec)]
     for source in sources:
         for text in source:
+            if spec == BUILTIN_PYTHON_DOCS:
+                stats.input_bytes += len(text.encode("utf-8"))
             if not text.strip():
                 stats.empty += 1
                 continue
@@ -86,9 +87,18 @@ def _bad_line(message: str, reason: str, skip: bool, stats: ReadStats):
     stats.skipped[reason] += 1
 
 
+def _reader(path: Path):
+    if path.suffix in JSONL_SUFFIXES:
+        return _read_jsonl
+    if path.suffix in PARQUET_SUFFIXES:
+        return _read_parquet
+    return _read_text
+
+
 def _read_jsonl(path: Path, text_field: str, skip: bool, stats: ReadStats) -> Iterator[str]:
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            stats.input_bytes += len(raw)
             where = f"{path}:{line_no}"
             try:
                 line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # tolerate a byte-order mark
@@ -114,11 +124,12 @@ def _read_jsonl(path: Path, text_field: str, skip: bool, stats: ReadStats) -> It
             yield text
 
 
-def _read_text(path: Path, skip: bool, stats: ReadStats) -> Iterator[str]:
+def _read_text(path: Path, text_field: str, skip: bool, stats: ReadStats) -> Iterator[str]:
     """Plain text: documents are separated by blank lines; line ends are normalised to \\n."""
     paragraph: list[str] = []
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            stats.input_bytes += len(raw)
             try:
                 line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
@@ -131,6 +142,31 @@ def _read_text(path: Path, skip: bool, stats: ReadStats) -> Iterator[str]:
                 paragraph = []
     if paragraph:
         yield "\n".join(paragraph)
+
+
+def _read_parquet(path: Path, text_field: str, skip: bool, stats: ReadStats) -> Iterator[str]:
+    """One document per row of the `text_field` column, read a record batch at a time."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install 'minipretrain[parquet]'") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends on a file that is not Parquet
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    columns = parquet.schema_arrow.names
+    if text_field not in columns:
+        raise DataError(f"{path}: no column {text_field!r} (columns: {', '.join(columns)}); set data.text_field")
+    row = 0
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(text, str):
+                _bad_line(f"{path}: row {row}: column {text_field!r} is not a string (got {type(text).__name__})",
+                          "non-string text", skip, stats)
+                continue
+            stats.input_bytes += len(text.encode("utf-8"))
+            yield text
 
 
 def python_docs() -> Iterator[str]:
@@ -164,12 +200,3 @@ def _module_docstrings(path: Path, module: str) -> str:
                 title = module if isinstance(node, ast.Module) else f"{module}.{node.name}"
                 sections.append(f"{title}\n\n{doc}")
     return "\n\n".join(sections)
-
-
-def read_texts(spec: str, text_field: str = "text", skip_bad_lines: bool = False) -> tuple[list[str], ReadStats]:
-    """All documents of a source in memory, with the read statistics; an empty source is an error."""
-    stats = ReadStats()
-    texts = list(iter_documents(spec, text_field, skip_bad_lines, stats))
-    if not texts:
-        raise DataError(f"no documents in {spec} ({stats.summary()}): nothing to train or evaluate on")
-    return texts, stats

@@ -15,7 +15,6 @@ so a crash mid-save leaves the previous checkpoint untouched. Loading verifies e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,6 +27,7 @@ from safetensors.torch import load_model, save_model
 
 from minipretrain.config import Config, ModelConfig, load_config
 from minipretrain.errors import CheckpointError
+from minipretrain.fileio import fsync_path, sha256_file, write_atomic
 from minipretrain.model import MiniMind
 from minipretrain.tokenizer import Tokenizer
 
@@ -36,29 +36,6 @@ LATEST = "latest"
 META = "meta.json"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 def capture_rng() -> dict:
@@ -99,11 +76,11 @@ def save_checkpoint(run_dir: Path, step: int, model: MiniMind, cfg: Config, toke
     torch.save(train_state, tmp / STATE_FILE)
     files = sorted(p.name for p in tmp.iterdir())
     for f in files:
-        _fsync(tmp / f)
+        fsync_path(tmp / f)
     meta = {"step": step, "tokenizer_fingerprint": tokenizer.fingerprint,
-            "files": {f: _sha256(tmp / f) for f in files}}
+            "files": {f: sha256_file(tmp / f) for f in files}}
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    _fsync(tmp / META)
+    fsync_path(tmp / META)
 
     final = ckpt_root / name
     if final.exists():  # re-saving a step (e.g. after resuming from it): swap, never leave a gap
@@ -113,7 +90,7 @@ def save_checkpoint(run_dir: Path, step: int, model: MiniMind, cfg: Config, toke
         shutil.rmtree(stale, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _write_atomic(run_dir / LATEST, f"{CHECKPOINTS_DIR}/{name}\n")
+    write_atomic(run_dir / LATEST, f"{CHECKPOINTS_DIR}/{name}\n")
     _prune(ckpt_root, keep, protect=final)
     return final
 
@@ -167,7 +144,7 @@ def verify_checkpoint(ckpt: Path) -> dict:
         f = ckpt / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {ckpt} is corrupt: {name} is missing")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"checkpoint {ckpt} is corrupt: {name} does not match its recorded checksum; "
                                   "resume from an earlier checkpoint")
     return meta

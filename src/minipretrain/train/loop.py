@@ -22,20 +22,19 @@ from safetensors.torch import load_model
 from tqdm import tqdm
 
 from minipretrain.config import Config, ModelConfig
-from minipretrain.data.batches import BatchIterator, make_rows, split_documents, tokenize_documents
-from minipretrain.data.sources import read_texts
+from minipretrain.data.dataset import RUN_DATA_DIR, load_run_data
 from minipretrain.errors import CheckpointError, ConfigError, UserError
-from minipretrain.evaluate import evaluate, token_byte_lengths
+from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.generate import complete
 from minipretrain.model import MiniMind
-from minipretrain.tokenizer import Tokenizer, train_tokenizer
+from minipretrain.tokenizer import Tokenizer
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.metrics import MetricsLog
 from minipretrain.train.optim import build_optimizer
 from minipretrain.train.schedule import lr_at
 
-RUN_FILES = ("metrics.jsonl", "samples.txt", "summary.json", "config.toml", "tokenizer", ckpt_io.LATEST,
-             ckpt_io.CHECKPOINTS_DIR)
+RUN_FILES = ("metrics.jsonl", "samples.txt", "summary.json", "config.toml", "tokenizer", RUN_DATA_DIR,
+             ckpt_io.LATEST, ckpt_io.CHECKPOINTS_DIR)
 
 
 def log(message: str) -> None:
@@ -112,69 +111,18 @@ def _check_same_model(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> N
         raise CheckpointError(f"cannot resume from {ckpt} with a different model: {'; '.join(diffs)}")
 
 
-def _load_tokenizer(cfg: Config, run_dir: Path, ckpt: Path | None, train_texts: list[str]) -> Tokenizer:
-    if ckpt is not None:
-        tokenizer = Tokenizer.load(ckpt)
-        if cfg.data.tokenizer:
-            wanted = Tokenizer.load(cfg.data.tokenizer)
-            if wanted.fingerprint != tokenizer.fingerprint:
-                raise CheckpointError(
-                    f"cannot resume from {ckpt} with another tokenizer: data.tokenizer={cfg.data.tokenizer} has "
-                    f"fingerprint {wanted.fingerprint}, the checkpoint's is {tokenizer.fingerprint}")
-        return tokenizer
-    if cfg.data.tokenizer:
-        return Tokenizer.load(cfg.data.tokenizer)
-    log(f"training a {cfg.model.vocab_size}-token BPE tokenizer on {len(train_texts):,} documents")
-    tokenizer = train_tokenizer(train_texts, cfg.model.vocab_size, show_progress=False)
-    tokenizer.save(run_dir / "tokenizer")
-    return tokenizer
-
-
-def _load_data(cfg: Config, run_dir: Path, ckpt: Path | None, show_progress: bool):
-    d = cfg.data
-    texts, stats = read_texts(d.path, d.text_field, d.skip_bad_lines)
-    log(f"data {d.path}: {stats.summary()}")
-    if d.val_path:
-        train_texts = texts
-        val_texts, val_stats = read_texts(d.val_path, d.text_field, d.skip_bad_lines)
-        log(f"validation {d.val_path}: {val_stats.summary()}")
-    elif d.val_fraction > 0:
-        train_texts, val_texts = split_documents(texts, d.val_fraction)
-    else:
-        train_texts, val_texts = texts, []
-    tokenizer = _load_tokenizer(cfg, run_dir, ckpt, train_texts)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tokenizer.vocab_size} tokens: raise model.vocab_size or use a smaller tokenizer")
-    train_corpus = tokenize_documents(train_texts, tokenizer, show_progress=show_progress)
-    seq_len = cfg.train.seq_len
-    train_rows = make_rows(train_corpus, d.layout, seq_len, tokenizer)
-    if len(train_rows) == 0:
-        raise UserError(f"the training data has {len(train_corpus.tokens):,} tokens, fewer than one row of "
-                        f"train.seq_len={seq_len}: lower train.seq_len or add data")
-    log(f"train: {train_corpus.num_documents:,} documents, {len(train_corpus.tokens):,} tokens "
-        f"({train_corpus.num_bytes / max(len(train_corpus.tokens), 1):.2f} bytes/token), {len(train_rows):,} rows "
-        f"of {seq_len} ({d.layout})")
-    val_rows = None
-    if val_texts:
-        val_corpus = tokenize_documents(val_texts, tokenizer, show_progress=show_progress)
-        val_rows = make_rows(val_corpus, d.layout, seq_len, tokenizer, for_eval=True)
-        log(f"validation: {val_corpus.num_documents:,} documents, {len(val_corpus.tokens):,} tokens")
-    return tokenizer, train_rows, val_rows
-
-
 def accumulate_gradients(step_model, micro_batches, autocast, scaler, device) -> float:
     """Forward and backward over a step's micro-batches; returns the step's mean loss.
 
     Each micro-batch is weighted by its share of the step's predicted tokens, so accumulating equals one big
     batch even when padding makes micro-batches unequal."""
-    counts = [int((labels[:, 1:] != -100).sum()) for _, labels in micro_batches]
+    counts = [int((batch.labels[:, 1:] != -100).sum()) for batch in micro_batches]
     total_count = max(sum(counts), 1)
     step_loss = 0.0
-    for (inputs, labels), count in zip(micro_batches, counts):
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch, count in zip(micro_batches, counts):
+        batch = batch.to(device)
         with autocast:
-            loss = step_model(inputs, labels=labels).loss * (count / total_count)
+            loss = step_model(batch.inputs, labels=batch.labels, doc_ids=batch.doc_ids).loss * (count / total_count)
         scaler.scale(loss).backward()
         step_loss += loss.item()
     return step_loss
@@ -206,14 +154,14 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
         torch.set_flush_denormal(True)  # denormals in Adam's state can make CPU steps several times slower
     seed_everything(t.seed)
 
-    tokenizer, train_rows, val_rows = _load_data(cfg, run_dir, ckpt, show_progress)
+    data = load_run_data(cfg, run_dir, Tokenizer.load(ckpt) if ckpt else None, show_progress, log)
+    tokenizer, batches, val_sets = data.tokenizer, data.sampler, data.val_sets
     (run_dir / "config.toml").write_text(cfg.to_toml())
 
     model = MiniMind(cfg.model).to(device)
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on {device} ({str(amp_dtype).replace('torch.', '')})")
     optimizer = build_optimizer(model, cfg.optim, device.type)
     autocast, scaler = mixed_precision(device, amp_dtype)
-    batches = BatchIterator(train_rows, t.batch_size, t.seed)
     token_bytes = token_byte_lengths(tokenizer, cfg.model.vocab_size)
 
     step, tokens, elapsed_before = 0, 0, 0.0
@@ -240,10 +188,17 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
         return ckpt_io.save_checkpoint(run_dir, step, model, cfg, tokenizer, train_state, t.keep_checkpoints)
 
     def validate():
-        result = evaluate(model, val_rows, t.batch_size, token_bytes, t.eval_batches, str(device), autocast)
-        metrics.write({"step": step, "val_loss": result["loss"], "val_bpb": result["bits_per_byte"],
-                       "val_perplexity": result["perplexity"]})
-        log(f"step {step}: val loss {result['loss']:.4f}, ppl {result['perplexity']:.2f}, "
+        by_source = {name: evaluate(model, rows, t.batch_size, token_bytes, t.eval_batches, str(device), autocast)
+                     for name, rows in val_sets.items()}
+        result = combine_results(list(by_source.values()))
+        record = {"step": step, "val_loss": result["loss"], "val_bpb": result["bits_per_byte"],
+                  "val_perplexity": result["perplexity"]}
+        per_source = ""
+        if len(by_source) > 1:
+            record["val_loss_by_source"] = {name: r["loss"] for name, r in by_source.items()}
+            per_source = " (" + ", ".join(f"{name} {r['loss']:.4f}" for name, r in by_source.items()) + ")"
+        metrics.write(record)
+        log(f"step {step}: val loss {result['loss']:.4f}{per_source}, ppl {result['perplexity']:.2f}, "
             f"{result['bits_per_byte']:.4f} bits/byte")
         return result
 
@@ -261,7 +216,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
         return elapsed_before + time.perf_counter() - start
 
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
-    first_val = validate() if val_rows is not None and step == 0 else None
+    first_val = validate() if val_sets and step == 0 else None
     last_val, losses = first_val, []
     first_step = step
     window_steps, window_time, session_time = 0, 0.0, 0.0  # time in training steps only, not eval or saving
@@ -274,7 +229,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
             lr = lr_at(step, cfg.optim, t.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = [next(batches) for _ in range(t.grad_accum)]
+            micro_batches = [batches.next_batch(t.batch_size) for _ in range(t.grad_accum)]
             step_loss = accumulate_gradients(step_model, micro_batches, autocast, scaler, device)
             if not math.isfinite(step_loss):
                 raise UserError(f"loss is {step_loss} at step {step + 1}: training diverged; lower optim.lr or "
@@ -291,11 +246,14 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
 
             if step % t.log_every == 0 or step == t.max_steps:
                 tokens_per_s = window_steps * tokens_per_step / max(window_time, 1e-9)
-                metrics.write({"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                               "elapsed": round(elapsed(), 3), "tokens_per_s": round(tokens_per_s, 1)})
+                record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                          "elapsed": round(elapsed(), 3), "tokens_per_s": round(tokens_per_s, 1)}
+                if len(batches.names) > 1:
+                    record["tokens_by_source"] = batches.tokens_by_source(t.seq_len)
+                metrics.write(record)
                 bar.set_postfix_str(f"loss {step_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s", refresh=False)
                 window_steps, window_time = 0, 0.0
-            if val_rows is not None and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+            if val_sets and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 last_val = validate()
             if t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
                 sample()
@@ -304,7 +262,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
     finally:
         bar.close()
 
-    if val_rows is not None:
+    if val_sets:
         last_val = validate()
     sample_text = sample()
     final_ckpt = save()
