@@ -118,7 +118,9 @@ def test_rows_span_shards_and_document_starts_cross_them(tmp_path):
     for start, stop in [(0, 7), (95, 230), (0, len(flat)), (len(flat) - 3, len(flat))]:
         assert stream.read(start, stop).tolist() == flat[start:stop].tolist()
     starts = np.concatenate([[0], np.cumsum([len(d) + 1 for d in docs])[:-1]])
-    assert stream.document_starts(50, 400).tolist() == [s for s in starts if 50 <= s < 400]
+    rng = np.random.default_rng(0)
+    for a, b in [(50, 400), (0, len(flat)), (100, 100)] + [tuple(sorted(rng.integers(0, len(flat), 2))) for _ in range(50)]:
+        assert stream.document_starts(a, b).tolist() == [s for s in starts if a <= s < b]
     for i in (0, 17, 59):
         assert stream.document(i).tolist() == docs[i] + [2]
 
@@ -524,6 +526,8 @@ def test_cli_data_prepare_info_and_eval(tmp_path, shakespeare, tokenizer_dir, ca
                               "--out", str(tmp_path / "x")],
         "not found": ["data", "prepare", "--data", str(tmp_path / "missing.jsonl"), "--tokenizer",
                       str(tokenizer_dir), "--out", str(tmp_path / "y"), "--no-progress"],
+        "--val-fraction must be in [0, 1)": ["data", "prepare", "--data", str(shakespeare), "--tokenizer",
+                                             str(tokenizer_dir), "--out", str(tmp_path / "v"), "--val-fraction", "1"],
         "--workers must be at least 1": ["data", "prepare", "--data", str(shakespeare), "--tokenizer",
                                          str(tokenizer_dir), "--out", str(tmp_path / "z"), "--workers", "0"],
     }

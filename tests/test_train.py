@@ -67,7 +67,8 @@ def test_kill_and_resume_gives_identical_losses(tmp_path, shakespeare, tokenizer
     sets = [a for s in TINY_MODEL + [f"data.path={shakespeare}", f"data.tokenizer={tokenizer_dir}",
                                      "train.batch_size=4", "train.seq_len=32", "train.max_steps=60",
                                      "train.save_every=5", "train.eval_every=0", "train.device=cpu",
-                                     "model.dropout=0.1", "optim.warmup_steps=5", "data.val_fraction=0.05"]
+                                     "model.dropout=0.1", "optim.warmup_steps=5", "data.val_fraction=0.05",
+                                     "train.sample_every=3", "train.sample_tokens=4"]
             for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
@@ -89,6 +90,8 @@ def test_kill_and_resume_gives_identical_losses(tmp_path, shakespeare, tokenizer
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
     assert _losses(crashed) == _losses(reference)  # exactly equal, every step
+    # samples written after the checkpoint were rewound, not duplicated
+    assert (crashed / "samples.txt").read_text() == (reference / "samples.txt").read_text()
 
 
 def _short_run(tmp_path, shakespeare, tokenizer_dir, *extra):

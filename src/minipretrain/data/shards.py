@@ -220,6 +220,8 @@ def prepare(inputs: list[str], tokenizer: Tokenizer, out: str | Path, options: P
     out = Path(out)
     if options.workers < 1:
         raise DataError(f"--workers must be at least 1, got {options.workers}")
+    if not 0 <= options.val_fraction < 1:
+        raise DataError(f"--val-fraction must be in [0, 1), got {options.val_fraction}")
     if options.shard_tokens < 1:
         raise DataError(f"--shard-tokens must be at least 1, got {options.shard_tokens}")
     identity = {"inputs": input_identity(inputs), "options": options.identity(),
@@ -360,10 +362,10 @@ class TokenShards:
     def document_starts(self, start: int, stop: int) -> np.ndarray:
         """Stream offsets of the documents that begin inside [start, stop)."""
         found = []
-        for s in range(len(self._tokens)):
-            lo, hi = self._token_offsets[s], self._token_offsets[s + 1]
-            if hi <= start or lo >= stop:
-                continue
+        first = int(np.searchsorted(self._token_offsets, start, side="right")) - 1
+        last = int(np.searchsorted(self._token_offsets, stop - 1, side="right")) - 1
+        for s in range(max(first, 0), min(last, len(self._tokens) - 1) + 1):
+            lo = self._token_offsets[s]
             starts = self._starts[s]
             a = np.searchsorted(starts, max(start - lo, 0))  # binary search on the memory map: a few pages
             b = np.searchsorted(starts, stop - lo)

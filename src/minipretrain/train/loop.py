@@ -111,6 +111,15 @@ def _check_same_model(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> N
         raise CheckpointError(f"cannot resume from {ckpt} with a different model: {'; '.join(diffs)}")
 
 
+def _rewind_samples(path: Path, step: int) -> None:
+    """Drop the samples written after `step` (a resumed run writes them again), as MetricsLog does for metrics."""
+    if not path.exists():
+        return
+    blocks = path.read_text(encoding="utf-8").split("--- step ")
+    kept = [b for b in blocks[1:] if int(b.split("\n", 1)[0]) <= step]
+    path.write_text("".join("--- step " + b for b in kept), encoding="utf-8")
+
+
 def accumulate_gradients(step_model, micro_batches, autocast, scaler, device) -> float:
     """Forward and backward over a step's micro-batches; returns the step's mean loss.
 
@@ -178,6 +187,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
         log(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)")
     step_model = torch.compile(model) if t.compile else model
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
+    _rewind_samples(run_dir / "samples.txt", step)
 
     def save():
         train_state = {
