@@ -398,7 +398,8 @@ class PreparedData:
                             "(or set data.tokenizer to the one the data was prepared with)")
         self.dtype = np.dtype(m["dtype"])
         shards = [s for split in SPLITS for s in m["splits"][split]["shards"]]
-        for shard in tqdm(shards, desc="verify shards", unit="shard", disable=not show_progress, leave=False):
+        big = sum(s["size"] for s in shards) > 1 << 30  # hashing takes seconds: show it
+        for shard in tqdm(shards, desc="verify shards", unit="shard", disable=not (show_progress and big), leave=False):
             self._check_shard(shard, verify)
 
     def _check_shard(self, shard: dict, verify: bool) -> None:
