@@ -50,3 +50,15 @@ def tokenizer_dir(shakespeare, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tok")
     train_tokenizer(iter_documents(str(shakespeare)), 320, show_progress=False).save(out)
     return out
+
+
+def assert_cli_errors(bad_calls: dict[str, list[str]], capsys) -> None:
+    """Each argv exits with status 2 and one `error: ...` line containing its message."""
+    from minipretrain.cli import main
+
+    for message, argv in bad_calls.items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from minipretrain.config import load_config
 from minipretrain.data.sources import ReadStats, iter_documents, python_docs, resolve_files

@@ -5,7 +5,6 @@ independence from the number of data-parallel ranks)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,10 @@ from minipretrain.data.shards import (
 from minipretrain.data.sources import iter_documents
 from minipretrain.errors import DataError
 from minipretrain.tokenizer import Tokenizer, train_tokenizer
+from minipretrain.train.loop import train
+from minipretrain.train.metrics import read_metrics
 
-from conftest import shared_file
+from conftest import assert_cli_errors, shared_file, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -425,17 +426,11 @@ def test_sampler_rejects_empty_sources():
 
 
 def _run(tmp_path, *overrides, name="run"):
-    from minipretrain.train.loop import train
-
-    from conftest import tiny_config
-
     cfg = tiny_config(*overrides)
     return cfg, train(cfg, tmp_path / name, show_progress=False)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    from minipretrain.train.metrics import read_metrics
-
     return read_metrics(run_dir / "metrics.jsonl")
 
 
@@ -473,8 +468,6 @@ def test_mixture_logs_per_source_tokens_and_validation(tmp_path, shakespeare, to
 
 
 def test_document_masked_training_and_exact_resume(tmp_path, shakespeare, tokenizer_dir):
-    from minipretrain.train.loop import train
-
     common = [f"data.path={json.dumps(str(shakespeare))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}",
               "data.document_mask=true", "train.seq_len=64", "train.save_every=4", "train.eval_every=4"]
     cfg, _ = _run(tmp_path, *common, "train.max_steps=8", name="full")
@@ -486,10 +479,6 @@ def test_document_masked_training_and_exact_resume(tmp_path, shakespeare, tokeni
 
 
 def test_resume_refuses_changed_raw_data(tmp_path, tokenizer_dir):
-    from minipretrain.train.loop import train
-
-    from conftest import tiny_config
-
     src = write_jsonl(tmp_path / "docs.jsonl", sample_texts(60))
     cfg = tiny_config(f"data.path={json.dumps(str(src))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}",
                       "train.max_steps=2")
@@ -531,9 +520,4 @@ def test_cli_data_prepare_info_and_eval(tmp_path, shakespeare, tokenizer_dir, ca
         "--workers must be at least 1": ["data", "prepare", "--data", str(shakespeare), "--tokenizer",
                                          str(tokenizer_dir), "--out", str(tmp_path / "z"), "--workers", "0"],
     }
-    for message, argv in bad_calls.items():
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert_cli_errors(bad_calls, capsys)

@@ -14,7 +14,7 @@ from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.loop import train
 from minipretrain.train.metrics import read_metrics
 
-from conftest import TINY_MODEL, shared_file, tiny_config
+from conftest import TINY_MODEL, assert_cli_errors, shared_file, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,12 +213,7 @@ def test_cli_generate_and_eval(tmp_path, shakespeare, tokenizer_dir, capsys):
             ["eval", "--ckpt", str(run), "--data", str(shakespeare), "--seq-len", "4096", "--device", "cpu"],
         "not found": ["eval", "--ckpt", str(run), "--data", str(tmp_path / "missing.jsonl"), "--device", "cpu"],
     }
-    for message, argv in bad_calls.items():
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert_cli_errors(bad_calls, capsys)
 
 
 def test_device_and_precision_resolution_on_cpu():

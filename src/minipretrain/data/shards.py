@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from minipretrain.data.sources import BUILTIN_PYTHON_DOCS, ReadStats, iter_documents, resolve_files
+from minipretrain.data.sources import ReadStats, iter_documents, resolve_files
 from minipretrain.errors import DataError
 from minipretrain.fileio import sha256_file, write_atomic
 from minipretrain.tokenizer import Tokenizer
@@ -69,8 +69,8 @@ def is_held_out(index: np.ndarray | int, fraction: float):
 
 
 class ShardWriter:
-    """Appends documents (tokens + eos) to numbered shards of one split; a shard closes once it holds
-    `shard_tokens` tokens (documents are never split across shards)."""
+    """Appends documents (tokens + eos) to numbered shards of one split; a shard closes after the first `add`
+    that takes it to `shard_tokens` tokens (documents are never split across shards)."""
 
     def __init__(self, directory: Path, split: str, vocab_size: int, fingerprint: str, shard_tokens: int):
         self.directory, self.split, self.shard_tokens = directory, split, shard_tokens
