@@ -264,7 +264,7 @@ def test_empty_documents_skipped_and_counted(tmp_path):
 def test_prepare_of_an_empty_dataset_is_an_error(tmp_path):
     from minipretrain.data.shards import PrepareOptions, prepare
 
-    tokenizer = _char_tokenizer()
+    tokenizer = _small_tokenizer()
     path = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": "   "}])
     with pytest.raises(DataError) as e:
         prepare([str(path)], tokenizer, tmp_path / "out", PrepareOptions(workers=1), show_progress=False)
@@ -277,7 +277,7 @@ def test_prepare_of_an_empty_dataset_is_an_error(tmp_path):
                 show_progress=False)
 
 
-def _char_tokenizer():
+def _small_tokenizer():
     from minipretrain.tokenizer import train_tokenizer
 
     return train_tokenizer(["abc def"], 260, show_progress=False)

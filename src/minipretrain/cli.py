@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -61,11 +60,12 @@ def cmd_generate(args) -> None:
 
 
 def cmd_data_prepare(args) -> None:
-    from minipretrain.data.shards import PrepareOptions, prepare
+    from minipretrain.data.shards import PrepareOptions, default_workers, prepare
     from minipretrain.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(args.tokenizer)
-    options = PrepareOptions(args.text_field, args.skip_bad_lines, args.val_fraction, args.shard_tokens, args.workers)
+    options = PrepareOptions(args.text_field, args.skip_bad_lines, args.val_fraction, args.shard_tokens,
+                             default_workers() if args.workers is None else args.workers)
     prepare(args.data, tokenizer, args.out, options, show_progress=not args.no_progress, overwrite=args.overwrite)
 
 
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSONL, text or Parquet files, directories, globs or builtin:python-docs")
     p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (the run's tokenizer)")
     p.add_argument("--out", required=True, help="directory for the shards and manifest.json")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: CPU cores)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU core)")
     p.add_argument("--val-fraction", type=float, default=0.01,
                    help="share of documents held out as the val split (default 0.01; 0 for none)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="start a new shard after this many tokens")

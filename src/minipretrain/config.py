@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minipretrain.data.sources import KNOWN_SUFFIXES
 from minipretrain.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -89,7 +90,7 @@ def source_name(path: str) -> str:
     if path.startswith("builtin:"):
         return path.replace(":", "-")
     name = Path(path.rstrip("/\\")).name
-    for suffix in (".jsonl", ".json", ".txt", ".md", ".text", ".parquet"):
+    for suffix in KNOWN_SUFFIXES:
         name = name.removesuffix(suffix)
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "data"
 
@@ -181,8 +182,6 @@ def _check_sources(key: str, value) -> list[SourceConfig]:
     hints = typing.get_type_hints(SourceConfig)
     sources = []
     for i, item in enumerate(value):
-        if isinstance(item, SourceConfig):
-            item = dataclasses.asdict(item)
         if not isinstance(item, dict) or "path" not in item:
             raise ConfigError(f"{key}[{i}]: expected a table with a path, like {{path = \"a.jsonl\", weight = 0.7}}")
         unknown = set(item) - set(hints)

@@ -49,7 +49,24 @@ def _to_batch(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], seq_
                  torch.from_numpy(doc_ids) if with_docs else None)
 
 
-class PackedRows:
+class _Rows:
+    """What the sampler and evaluation need from a layout: len(), example(i) and get(indices)."""
+
+    seq_len: int
+    pad_id: int
+    num_rows: int
+
+    def __len__(self):
+        return self.num_rows
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def get(self, indices) -> Batch:
+        return _to_batch([self.example(int(i)) for i in indices], self.seq_len, self.pad_id)
+
+
+class PackedRows(_Rows):
     """Row i is tokens [i * seq_len, (i + 1) * seq_len) of the stream, read from the memory map. Training drops
     the final partial row; evaluation keeps it (padded, labels -100) so every token is scored."""
 
@@ -58,9 +75,6 @@ class PackedRows:
         self.stream, self.seq_len, self.pad_id, self.document_mask = stream, seq_len, pad_id, document_mask
         n = stream.num_tokens
         self.num_rows = n // seq_len + (1 if keep_partial and n % seq_len else 0)
-
-    def __len__(self):
-        return self.num_rows
 
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         start = i * self.seq_len
@@ -75,26 +89,17 @@ class PackedRows:
             labels[begins] = IGNORE  # a document's first token has no context in its own document
         return tokens, labels, doc_ids
 
-    def get(self, indices) -> Batch:
-        return _to_batch([self.example(int(i)) for i in indices], self.seq_len, self.pad_id)
 
-
-class PaddedRows:
+class PaddedRows(_Rows):
     """MiniMind's layout: row i is bos + document i + eos, truncated to seq_len, then padded."""
 
     def __init__(self, stream, seq_len: int, bos_id: int, pad_id: int = 0):
         self.stream, self.seq_len, self.bos_id, self.pad_id = stream, seq_len, bos_id, pad_id
         self.num_rows = stream.num_documents
 
-    def __len__(self):
-        return self.num_rows
-
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray, None]:
         tokens = np.concatenate([[self.bos_id], self.stream.document(i)])[: self.seq_len]  # the stored doc ends in eos
         return tokens, tokens, None
-
-    def get(self, indices) -> Batch:
-        return _to_batch([self.example(int(i)) for i in indices], self.seq_len, self.pad_id)
 
 
 def make_rows(stream, layout: str, seq_len: int, tokenizer, document_mask: bool = False, for_eval: bool = False):
@@ -113,7 +118,7 @@ class MixtureSampler:
     new epoch with a new shuffle. The global sequence does not depend on how many data-parallel ranks consume it:
     each step, rank r of `world` takes its slice of the next world * batch_size samples."""
 
-    def __init__(self, sources: list[tuple[str, object]], weights: list[float], seed: int, shuffle: bool = True,
+    def __init__(self, sources: list[tuple[str, _Rows]], weights: list[float], seed: int,
                  fingerprints: list[str] | None = None):
         if not sources:
             raise DataError("no data sources")
@@ -124,7 +129,7 @@ class MixtureSampler:
         self.rows = [rows for _, rows in sources]
         total = float(sum(weights))
         self.weights = np.asarray(weights, dtype=np.float64) / total
-        self.seed, self.shuffle = seed, shuffle
+        self.seed = seed
         self.fingerprints = fingerprints or [""] * len(sources)  # identify each source's tokens, for resume
         self.drawn = [0] * len(sources)
         self._orders: dict[int, tuple[int, np.ndarray]] = {}
@@ -136,8 +141,6 @@ class MixtureSampler:
     def _row_of(self, source: int, j: int) -> int:
         n = len(self.rows[source])
         epoch = j // n
-        if not self.shuffle:
-            return j % n
         cached = self._orders.get(source)
         if cached is None or cached[0] != epoch:
             order = np.random.default_rng([self.seed, source, epoch]).permutation(n)
@@ -157,12 +160,11 @@ class MixtureSampler:
     def next_batch(self, batch_size: int, rank: int = 0, world: int = 1) -> Batch:
         samples = self.next_samples(batch_size * world)[rank * batch_size : (rank + 1) * batch_size]
         examples = [self.rows[source].example(row) for source, row in samples]
-        seq_len = self.rows[0].seq_len
-        return _to_batch(examples, seq_len, self.rows[0].pad_id)
+        return _to_batch(examples, self.rows[0].seq_len, self.rows[0].pad_id)
 
-    def tokens_by_source(self, seq_len: int) -> dict[str, int]:
+    def tokens_by_source(self) -> dict[str, int]:
         """Row positions drawn from each source so far (all ranks together)."""
-        return {name: n * seq_len for name, n in zip(self.names, self.drawn)}
+        return {name: n * rows.seq_len for name, n, rows in zip(self.names, self.drawn, self.rows)}
 
     def state_dict(self) -> dict:
         return {"drawn": list(self.drawn), "seed": self.seed, "names": list(self.names),

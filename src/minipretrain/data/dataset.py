@@ -11,14 +11,13 @@ built-in corpus is prepared on the fly into `<run_dir>/data/<name>/` (a no-op wh
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
-from minipretrain.config import Config, SourceConfig, source_name
+from minipretrain.config import Config, DataConfig, SourceConfig, source_name
 from minipretrain.data.batches import MixtureSampler, make_rows
-from minipretrain.data.shards import PrepareOptions, PreparedData, is_held_out, is_prepared, prepare
+from minipretrain.data.shards import PrepareOptions, PreparedData, default_workers, is_held_out, is_prepared, prepare
 from minipretrain.data.sources import ReadStats, iter_documents
 from minipretrain.errors import CheckpointError, ConfigError, DataError, UserError
 from minipretrain.tokenizer import Tokenizer, train_tokenizer
@@ -33,12 +32,15 @@ class RunData:
     val_sets: dict  # source name -> rows for evaluation
 
 
-def _raw_train_documents(source: SourceConfig, cfg: Config):
+def _held_out_fraction(d: DataConfig) -> float:
+    """Raw sources hold out data.val_fraction of their documents, unless data.val_path validates instead."""
+    return 0.0 if d.val_path else d.val_fraction
+
+
+def _raw_train_documents(source: SourceConfig, d: DataConfig):
     """A raw source's training documents, exactly those `prepare` puts in the train split."""
-    d = cfg.data
-    fraction = 0.0 if d.val_path else d.val_fraction
     docs = iter_documents(source.path, d.text_field, d.skip_bad_lines, ReadStats())
-    return (text for i, text in enumerate(docs) if not is_held_out(i, fraction))
+    return (text for i, text in enumerate(docs) if not is_held_out(i, _held_out_fraction(d)))
 
 
 def choose_tokenizer(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | None, log) -> Tokenizer:
@@ -61,7 +63,7 @@ def choose_tokenizer(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer
         log(f"using the tokenizer stored with {prepared[0].path}")
         return Tokenizer.load(Path(prepared[0].path) / "tokenizer")
     log(f"training a {cfg.model.vocab_size}-token BPE tokenizer on the training documents")
-    texts = chain.from_iterable(_raw_train_documents(s, cfg) for s in mixture)
+    texts = chain.from_iterable(_raw_train_documents(s, d) for s in mixture)
     tokenizer = train_tokenizer(texts, cfg.model.vocab_size, show_progress=False)
     tokenizer.save(run_dir / "tokenizer")
     return tokenizer
@@ -76,7 +78,7 @@ def _prepared(path: str, name: str, cfg: Config, run_dir: Path, tokenizer: Token
             raise DataError(f"{path} holds token shards but no manifest.json: its preparation was interrupted; "
                             "run `minipretrain data prepare` again")
         options = PrepareOptions(d.text_field, d.skip_bad_lines, val_fraction,
-                                 workers=d.prepare_workers or os.cpu_count() or 1)
+                                 workers=d.prepare_workers or default_workers())
         out = run_dir / RUN_DATA_DIR / name
         prepare([path], tokenizer, out, options, show_progress=show_progress, overwrite=True, log=log)
         path = out
@@ -90,7 +92,7 @@ def load_run_data(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | 
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens: raise model.vocab_size or use a smaller tokenizer")
-    val_fraction = 0.0 if d.val_path else d.val_fraction
+    val_fraction = _held_out_fraction(d)
     mixture = d.mixture()
     train_sources, val_sets, fingerprints = [], {}, []
     for source in mixture:

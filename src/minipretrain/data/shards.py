@@ -1,8 +1,8 @@
 """Pre-tokenized token shards: the on-disk format, the preparation that writes them, and the memory-mapped reader.
 
-    manifest = prepare(["corpus.jsonl"], tokenizer, "prepared/", workers=4)     # streams; bounded memory
-    train = open_prepared("prepared/", tokenizer.fingerprint).split("train")    # TokenShards over memory maps
-    train.read(0, 512)                                                           # the first 512 tokens
+    manifest = prepare(["corpus.jsonl"], tokenizer, "prepared/", PrepareOptions(workers=4))  # streams; bounded memory
+    train = PreparedData("prepared/", tokenizer.fingerprint).split("train")   # TokenShards over memory maps
+    train.read(0, 512)                                                         # the first 512 tokens
 
 A prepared dataset is a directory:
 
@@ -51,6 +51,10 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000
 CHUNK_BYTES = 1 << 20  # text handed to a worker at a time
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -169,9 +173,9 @@ def input_identity(inputs: list[str]) -> list[dict]:
     return files
 
 
-def _input_size(inputs: list[str]) -> int | None:
-    """Total bytes the readers will report, for the progress bar (unknown for Parquet, which is compressed)."""
-    files = input_identity(inputs)
+def _input_size(files: list[dict]) -> int | None:
+    """Total bytes the readers will report (from input_identity), for the progress bar; unknown for the built-in
+    corpus and for Parquet, which is compressed."""
     if any("size" not in f or f["path"].endswith(".parquet") for f in files):
         return None
     return sum(f["size"] for f in files)
@@ -204,7 +208,7 @@ class PrepareOptions:
     skip_bad_lines: bool = False
     val_fraction: float = 0.0
     shard_tokens: int = DEFAULT_SHARD_TOKENS
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=default_workers)
 
     def identity(self) -> dict:
         """The options that change the token stream (the worker count and shard size do not)."""
@@ -247,7 +251,7 @@ def prepare(inputs: list[str], tokenizer: Tokenizer, out: str | Path, options: P
     documents = chain.from_iterable(
         iter_documents(spec, options.text_field, options.skip_bad_lines, stats) for spec in inputs)
     start, doc_index, tokens_done = time.perf_counter(), 0, 0
-    bar = tqdm(total=_input_size(inputs), desc=f"prepare {out.name}", unit="B", unit_scale=True,
+    bar = tqdm(total=_input_size(identity["inputs"]), desc=f"prepare {out.name}", unit="B", unit_scale=True,
                disable=not show_progress, dynamic_ncols=True)
     try:
         for tokens, lengths, doc_bytes in _encoded_chunks(_chunks(documents, CHUNK_BYTES), tokenizer,
@@ -262,10 +266,10 @@ def prepare(inputs: list[str], tokenizer: Tokenizer, out: str | Path, options: P
             bar.set_postfix_str(f"{tokens_done / max(time.perf_counter() - start, 1e-9):,.0f} tok/s", refresh=False)
         splits = {s: w.finish() for s, w in writers.items()}
     except BaseException:
-        bar.close()
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    bar.close()
+    finally:
+        bar.close()
     if stats.documents == 0:
         shutil.rmtree(partial, ignore_errors=True)
         raise DataError(f"no documents in {' '.join(inputs)} ({stats.summary()}): nothing to prepare")
@@ -334,8 +338,7 @@ class TokenShards:
     """One split of a prepared dataset as a single token stream: the concatenation of its shards, memory-mapped.
     Only the pages a batch touches are ever read."""
 
-    def __init__(self, directory: Path, split: str, shards: list[dict], dtype: np.dtype):
-        self.name = f"{directory}:{split}"
+    def __init__(self, directory: Path, shards: list[dict], dtype: np.dtype):
         self._tokens, self._starts = [], []
         for shard in shards:
             path = directory / shard["file"]
@@ -423,7 +426,7 @@ class PreparedData:
     def split(self, name: str) -> TokenShards | None:
         """The split's token stream, or None when it holds no documents."""
         info = self.manifest["splits"][name]
-        return TokenShards(self.directory, name, info["shards"], self.dtype) if info["documents"] else None
+        return TokenShards(self.directory, info["shards"], self.dtype) if info["documents"] else None
 
     @property
     def data_fingerprint(self) -> str:

@@ -259,7 +259,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
                 record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                           "elapsed": round(elapsed(), 3), "tokens_per_s": round(tokens_per_s, 1)}
                 if len(batches.names) > 1:
-                    record["tokens_by_source"] = batches.tokens_by_source(t.seq_len)
+                    record["tokens_by_source"] = batches.tokens_by_source()
                 metrics.write(record)
                 bar.set_postfix_str(f"loss {step_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s", refresh=False)
                 window_steps, window_time = 0, 0.0
