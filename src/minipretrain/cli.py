@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def cmd_generate(args) -> None:
 
     from minipretrain.generate import complete
     from minipretrain.train.checkpoint import load_model_from_checkpoint
-    from minipretrain.train.loop import resolve_device
+    from minipretrain.parallel import resolve_device
 
     device = resolve_device(args.device)
     model, tokenizer, _, _ = load_model_from_checkpoint(args.ckpt, str(device))
@@ -89,7 +90,7 @@ def cmd_eval(args) -> None:
     from minipretrain.data.shards import PrepareOptions, PreparedData, is_prepared, prepare
     from minipretrain.evaluate import evaluate, token_byte_lengths
     from minipretrain.train.checkpoint import load_model_from_checkpoint
-    from minipretrain.train.loop import resolve_device
+    from minipretrain.parallel import resolve_device
 
     device = resolve_device(args.device)
     model, tokenizer, cfg, ckpt = load_model_from_checkpoint(args.ckpt, str(device))
@@ -118,6 +119,13 @@ def cmd_eval(args) -> None:
               f"tokens, seq {seq_len}):")
         print(f"  loss {result['loss']:.4f}   perplexity {result['perplexity']:.2f}   "
               f"bits/byte {result['bits_per_byte']:.4f}")
+
+
+def cmd_checkpoint_consolidate(args) -> None:
+    from minipretrain.train.checkpoint import consolidate
+
+    target = consolidate(args.ckpt, args.out)
+    print(f"wrote {target / 'model.safetensors'} (checksums in {target / 'meta.json'})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="check sizes and headers only, skip the sha256")
     p.set_defaults(func=cmd_data_info)
 
+    ckpt = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(dest="checkpoint_command",
+                                                                                required=True)
+    p = ckpt.add_parser("consolidate", help="gather a distributed checkpoint's shards into one model.safetensors")
+    p.add_argument("ckpt", help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--out", default=None,
+                   help="a new directory for model.safetensors, config and tokenizer (default: inside the checkpoint)")
+    p.set_defaults(func=cmd_checkpoint_consolidate)
+
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
     p.add_argument("--prompt", default="")
@@ -196,11 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # Under torchrun every rank reports its own failure, so the one that failed first is named.
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{rank}error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; a run continues from its last checkpoint with --resume", file=sys.stderr)
+        print(f"{rank}interrupted; a run continues from its last checkpoint with --resume", file=sys.stderr)
         sys.exit(130)

@@ -130,11 +130,23 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the processes started by torchrun share the work; a single process ignores it."""
+    mode: str = "ddp"  # ddp: replicate the model, all-reduce gradients | fsdp: shard parameters, gradients, optimizer
+    tensor_parallel: int = 1  # ranks splitting each layer's heads and SwiGLU width; the rest are data parallel
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (ZeRO-3); false: ZeRO-2-like
+    cpu_offload: bool = False  # fsdp on CUDA: keep sharded parameters, gradients and optimizer state in CPU memory
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    timeout_s: int = 1800  # a collective waiting longer than this fails the job (e.g. a rank that hangs)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,7 +163,8 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+_SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+                    "parallel": ParallelConfig}
 
 
 def _toml_value(value) -> str:
@@ -257,7 +270,7 @@ def _require(condition: bool, key: str, message: str):
 
 
 def validate(cfg: Config) -> None:
-    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    m, d, o, t, p = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel
     positive = {
         "model": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                   "intermediate_size", "max_position_embeddings", "rope_theta", "rms_norm_eps", "initializer_range"),
@@ -306,3 +319,11 @@ def validate(cfg: Config) -> None:
     for i, source in enumerate(d.sources):
         _require(bool(source.path), f"data.sources[{i}].path", "must name a file, directory, glob or builtin corpus")
         _require(source.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {source.weight}")
+    _require(p.mode in ("ddp", "fsdp"), "parallel.mode", f"unknown mode {p.mode!r} (ddp or fsdp)")
+    _require(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", f"unknown backend {p.backend!r} (auto, nccl or gloo)")
+    _require(p.timeout_s > 0, "parallel.timeout_s", f"must be positive, got {p.timeout_s}")
+    _require(p.tensor_parallel >= 1, "parallel.tensor_parallel", f"must be >= 1, got {p.tensor_parallel}")
+    for key, value in (("model.num_key_value_heads", m.num_key_value_heads),
+                       ("model.intermediate_size", m.intermediate_size)):
+        _require(value % p.tensor_parallel == 0, key,
+                 f"{value} is not divisible by parallel.tensor_parallel={p.tensor_parallel} (each rank takes an equal slice)")

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from minipretrain.parallel import World
+
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
     """UTF-8 bytes spelled by each of the model's vocab_size ids (0 for specials and ids past the tokenizer's)."""
@@ -23,11 +25,14 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batches: int | None = None,
-             device: str = "cpu", autocast=None, show_progress: bool = False) -> dict:
+             device: str = "cpu", autocast=None, show_progress: bool = False, world: World = World()) -> dict:
+    """Loss, perplexity and bits per byte over the first max_batches batches of `rows`. Under data parallelism a
+    batch is batch_size rows per rank, split between the ranks like a training batch, and the sums are global."""
     was_training = model.training
     model.eval()
     token_bytes = token_bytes.to(device)
-    n_batches = math.ceil(len(rows) / batch_size)
+    global_batch = batch_size * world.dp_size
+    n_batches = math.ceil(len(rows) / global_batch)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     nats = torch.zeros((), dtype=torch.float64, device=device)
@@ -35,12 +40,16 @@ def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batche
     targets_counted = 0
     bytes_counted = 0
     for b in tqdm(range(n_batches), desc="eval", disable=not show_progress, leave=False):
-        indices = np.arange(b * batch_size, min((b + 1) * batch_size, len(rows)))
+        global_indices = np.arange(b * global_batch, min((b + 1) * global_batch, len(rows)))
+        indices = np.array_split(global_indices, world.dp_size)[world.dp_rank]
+        counted = len(indices) > 0
+        if not counted:  # a short last batch: still run a forward (FSDP's are collective) but count nothing
+            indices = global_indices[:1]
         batch = rows.get(indices).to(device)
         with autocast or nullcontext():
             logits = model(batch.inputs, doc_ids=batch.doc_ids).logits
         targets = F.pad(batch.labels[:, 1:], (0, 1), value=-100).flatten()
-        valid = targets != -100
+        valid = (targets != -100) & counted
         losses = F.cross_entropy(logits.flatten(0, 1).float()[valid], targets[valid], reduction="none").double()
         nbytes = token_bytes[targets[valid]]
         nats += losses.sum()
@@ -48,7 +57,9 @@ def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batche
         targets_counted += int(valid.sum())
         bytes_counted += int(nbytes.sum())
     model.train(was_training)
-    return _result(nats.item(), nats_with_bytes.item(), targets_counted, bytes_counted)
+    nats, nats_with_bytes, targets_counted, bytes_counted = world.sum_over_dp(
+        [nats.item(), nats_with_bytes.item(), targets_counted, bytes_counted])
+    return _result(nats, nats_with_bytes, int(targets_counted), int(bytes_counted))
 
 
 def _result(nats: float, nats_with_bytes: float, tokens: int, nbytes: int) -> dict:

@@ -126,11 +126,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.head_dim = cfg.head_dim
+        n_heads, n_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
@@ -139,15 +140,18 @@ class Attention(nn.Module):
         """doc_mask: None (plain causal), a boolean (batch, 1, seq, seq) mask for SDPA, or a FlexAttention
         BlockMask."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # Head counts come from the projections' widths, so a tensor-parallel shard (a slice of the heads)
+        # runs this same code.
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        n_heads, n_kv_heads = q.size(1), k.size(1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if doc_mask is not None and not torch.is_tensor(doc_mask):  # a BlockMask (never with a cache)
             flex = _compiled_flex_attention() if q.is_cuda else flex_attention
-            y = flex(q, k, v, block_mask=doc_mask, enable_gqa=self.n_kv_heads != self.n_heads)
+            y = flex(q, k, v, block_mask=doc_mask, enable_gqa=n_kv_heads != n_heads)
             return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
         past = 0
@@ -162,8 +166,8 @@ class Attention(nn.Module):
             causal = False
         if doc_mask is not None:
             mask, causal = doc_mask, False
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves n_heads / n_kv heads
-            repeat = self.n_heads // self.n_kv_heads
+        if n_kv_heads != n_heads:  # grouped-query attention: each kv head serves n_heads / n_kv heads
+            repeat = n_heads // n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0

@@ -70,7 +70,7 @@ def choose_tokenizer(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer
 
 
 def _prepared(path: str, name: str, cfg: Config, run_dir: Path, tokenizer: Tokenizer, val_fraction: float,
-              show_progress: bool, log) -> PreparedData:
+              show_progress: bool, log, verify: bool = True) -> PreparedData:
     """A prepared directory as it is, or a raw source prepared into the run directory."""
     d = cfg.data
     if not is_prepared(path):
@@ -82,11 +82,12 @@ def _prepared(path: str, name: str, cfg: Config, run_dir: Path, tokenizer: Token
         out = run_dir / RUN_DATA_DIR / name
         prepare([path], tokenizer, out, options, show_progress=show_progress, overwrite=True, log=log)
         path = out
-    return PreparedData(path, tokenizer.fingerprint, verify=True, show_progress=show_progress)
+    return PreparedData(path, tokenizer.fingerprint, verify=verify, show_progress=show_progress)
 
 
 def load_run_data(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | None = None,
-                  show_progress: bool = True, log=print) -> RunData:
+                  show_progress: bool = True, log=print, verify_shards: bool = True) -> RunData:
+    """verify_shards=False skips the sha256 of every shard (the other ranks, once rank 0 has checked them)."""
     d, seq_len = cfg.data, cfg.train.seq_len
     tokenizer = choose_tokenizer(cfg, run_dir, checkpoint_tokenizer, log)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -96,7 +97,8 @@ def load_run_data(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | 
     mixture = d.mixture()
     train_sources, val_sets, fingerprints = [], {}, []
     for source in mixture:
-        data = _prepared(source.path, source.name, cfg, run_dir, tokenizer, val_fraction, show_progress, log)
+        data = _prepared(source.path, source.name, cfg, run_dir, tokenizer, val_fraction, show_progress, log,
+                         verify_shards)
         train = data.split("train")
         if train is None:
             raise DataError(f"data source {source.path} has no training documents")
@@ -122,7 +124,7 @@ def load_run_data(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | 
     if d.val_path:
         name = "val"
         data = _prepared(d.val_path, f"{name}-{source_name(d.val_path)}", cfg, run_dir, tokenizer, 0.0,
-                         show_progress, log)
+                         show_progress, log, verify_shards)
         val = data.split("val") or data.split("train")
         val_sets[name] = make_rows(val, d.layout, seq_len, tokenizer, d.document_mask, for_eval=True)
         log(f"validation {d.val_path}: {val.num_documents:,} documents, {val.num_tokens:,} tokens")

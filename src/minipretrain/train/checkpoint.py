@@ -1,34 +1,47 @@
-"""Checkpoints: atomic, verified, resumable.
+"""Checkpoints: atomic, verified, resumable on any number of processes.
 
     runs/NAME/checkpoints/step_000120/
-        model.safetensors      weights (tied matrix stored once)
+        dcp/                   weights and optimizer state as a torch.distributed.checkpoint (DCP): every rank
+                               writes its own shard, and any number of ranks can load it (resharding)
+        model.safetensors      the weights in one file (tied matrix stored once); written by single-process runs,
+                               and by `minipretrain checkpoint consolidate` for distributed ones
         config.json            the model config (Hugging Face-style keys)
         config.toml            the full resolved training config
         tokenizer.json, tokenizer_config.json
-        train_state.pt         optimizer, scaler, step, tokens, data position, RNG states (torch.load weights_only)
+        train_state.pt         scaler, step, tokens, data position (torch.load weights_only)
+        rng_00000.pt ...       each rank's Python, NumPy, torch and CUDA RNG states (torch.load weights_only)
         meta.json              step and the sha256 of every file above; written last
     runs/NAME/latest           "checkpoints/step_000120"
 
 A checkpoint is written to a temporary directory and renamed into place, then `latest` is replaced atomically,
-so a crash mid-save leaves the previous checkpoint untouched. Loading verifies every checksum.
+so a crash mid-save leaves the previous checkpoint untouched. Loading verifies every checksum. DCP's index file
+(`.metadata`) is a pickle: it is read with an allow-list of checkpoint classes, so a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_model, save_model
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from minipretrain.config import Config, ModelConfig, load_config
 from minipretrain.errors import CheckpointError
 from minipretrain.fileio import fsync_path, sha256_file, write_atomic
 from minipretrain.model import MiniMind
+from minipretrain.parallel import World
 from minipretrain.tokenizer import Tokenizer
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -36,6 +49,10 @@ LATEST = "latest"
 META = "meta.json"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
+DCP_DIR = "dcp"
+
+# DCP warns on every single-process save and load; here they are intended.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def capture_rng() -> dict:
@@ -44,7 +61,7 @@ def capture_rng() -> dict:
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's GPU only
     }
 
 
@@ -53,46 +70,59 @@ def restore_rng(state: dict) -> None:
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def model_config_json(cfg: ModelConfig) -> dict:
     return {"model_type": "minimind", "tie_word_embeddings": True, "hidden_act": "silu", **cfg.__dict__}
 
 
-def save_checkpoint(run_dir: Path, step: int, model: MiniMind, cfg: Config, tokenizer: Tokenizer,
-                    train_state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: MiniMind, optimizer: torch.optim.Optimizer, cfg: Config,
+                    tokenizer: Tokenizer, train_state: dict, keep: int, world: World = World()) -> Path:
+    """Called on every rank: each writes its shard of the weights and optimizer state; rank 0 writes the rest,
+    then renames the finished directory into place."""
     ckpt_root = run_dir / CHECKPOINTS_DIR
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
-    tmp = ckpt_root / f".tmp_{name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / MODEL_FILE))
-    (tmp / "config.json").write_text(json.dumps(model_config_json(cfg.model), indent=2) + "\n")
-    (tmp / "config.toml").write_text(cfg.to_toml())
-    tokenizer.save(tmp)
-    torch.save(train_state, tmp / STATE_FILE)
-    files = sorted(p.name for p in tmp.iterdir())
-    for f in files:
-        fsync_path(tmp / f)
-    meta = {"step": step, "tokenizer_fingerprint": tokenizer.fingerprint,
-            "files": {f: sha256_file(tmp / f) for f in files}}
-    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    fsync_path(tmp / META)
-
+    tmp = ckpt_root / f".tmp_{name}"
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    world.barrier()
+    torch.save(capture_rng(), tmp / f"rng_{world.rank:05d}.pt")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / DCP_DIR,
+             no_dist=not world.distributed)
+    if not world.distributed:  # the full weights are already here: no consolidation needed
+        save_model(model, str(tmp / MODEL_FILE))
     final = ckpt_root / name
-    if final.exists():  # re-saving a step (e.g. after resuming from it): swap, never leave a gap
-        stale = ckpt_root / f".old_{name}_{os.getpid()}"
-        os.replace(final, stale)
-        os.replace(tmp, final)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    write_atomic(run_dir / LATEST, f"{CHECKPOINTS_DIR}/{name}\n")
-    _prune(ckpt_root, keep, protect=final)
+    if world.is_main:
+        (tmp / "config.json").write_text(json.dumps(model_config_json(cfg.model), indent=2) + "\n")
+        (tmp / "config.toml").write_text(cfg.to_toml())
+        tokenizer.save(tmp)
+        torch.save(train_state, tmp / STATE_FILE)
+        _write_meta(tmp, step, tokenizer.fingerprint)
+        if final.exists():  # re-saving a step (e.g. after resuming from it): swap, never leave a gap
+            stale = ckpt_root / f".old_{name}"
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        write_atomic(run_dir / LATEST, f"{CHECKPOINTS_DIR}/{name}\n")
+        _prune(ckpt_root, keep, protect=final)
+    world.barrier()  # nobody moves on (or exits) before the checkpoint is complete
     return final
+
+
+def _write_meta(ckpt: Path, step: int, tokenizer_fingerprint: str) -> None:
+    """fsync every file, then record their checksums in meta.json: its presence marks the checkpoint complete."""
+    files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != META)
+    for f in files:
+        fsync_path(ckpt / f)
+    meta = {"step": step, "tokenizer_fingerprint": tokenizer_fingerprint,
+            "files": {f: sha256_file(ckpt / f) for f in files}}
+    write_atomic(ckpt / META, json.dumps(meta, indent=2) + "\n")
 
 
 def _prune(ckpt_root: Path, keep: int, protect: Path) -> None:
@@ -151,15 +181,23 @@ def verify_checkpoint(ckpt: Path) -> dict:
 
 
 def load_model_from_checkpoint(path: str | Path, device: str = "cpu") -> tuple[MiniMind, Tokenizer, Config, Path]:
-    """Weights, tokenizer and config of a checkpoint (or a run's latest), verified."""
+    """Weights, tokenizer and config of a checkpoint (or a run's latest), verified; a distributed checkpoint's
+    weights are gathered from its shards."""
     ckpt = resolve_checkpoint(path)
     verify_checkpoint(ckpt)
     cfg = read_checkpoint_config(ckpt)
     model = MiniMind(cfg.model)
-    missing, unexpected = load_model(model, str(ckpt / MODEL_FILE), strict=False, device=device)
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt / MODEL_FILE} does not match its config.json "
-                              f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    if (ckpt / MODEL_FILE).is_file():
+        missing, unexpected = load_model(model, str(ckpt / MODEL_FILE), strict=False, device=device)
+        if missing or unexpected:
+            raise CheckpointError(f"{ckpt / MODEL_FILE} does not match its config.json "
+                                  f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    elif (ckpt / DCP_DIR).is_dir():
+        state = {"model": model.state_dict()}
+        _dcp_load(state, ckpt)
+        model.load_state_dict(state["model"])
+    else:
+        raise CheckpointError(f"{ckpt} holds neither {MODEL_FILE} nor {DCP_DIR}/")
     return model.to(device), Tokenizer.load(ckpt), cfg, ckpt
 
 
@@ -172,3 +210,90 @@ def load_train_state(ckpt: Path) -> dict:
         return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors have no common base class
         raise CheckpointError(f"{ckpt / STATE_FILE} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def restore_rng_of_rank(ckpt: Path, world: World = World()) -> bool:
+    """Restore this rank's RNG states; False (nothing restored) when another number of ranks saved them."""
+    files = sorted(ckpt.glob("rng_*.pt"))
+    if len(files) != world.size:
+        return False
+    try:
+        state = torch.load(files[world.rank], map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors have no common base class
+        raise CheckpointError(f"{files[world.rank]} cannot be read ({type(e).__name__}: {e})") from None
+    restore_rng(state)
+    return True
+
+
+def load_weights_and_optimizer(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                               world: World = World()) -> None:
+    """Called on every rank: load the checkpoint's weights and optimizer state into this run's (possibly sharded)
+    model and optimizer, whatever the number of ranks that saved it."""
+    if not (ckpt / DCP_DIR).is_dir():
+        raise CheckpointError(f"{ckpt} has no {DCP_DIR}/ directory (it was written by an older minipretrain): its "
+                              "weights work with generate, eval and export, but training cannot resume from it")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    _dcp_load(state, ckpt, world)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
+    """Gather a checkpoint's weights into one model.safetensors: inside the checkpoint (out=None), or in a new
+    directory `out` with the config and tokenizer (what generate, eval and export need, nothing else)."""
+    model, tokenizer, _, ckpt = load_model_from_checkpoint(path)
+    target = Path(out) if out is not None else ckpt
+    if target != ckpt:
+        if target.exists() and any(target.iterdir()):
+            raise CheckpointError(f"{target} exists and is not empty: choose a new --out directory")
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "config.toml"):
+            shutil.copyfile(ckpt / name, target / name)
+        tokenizer.save(target)
+    tmp = target / f".{MODEL_FILE}.tmp"
+    save_model(model, str(tmp))
+    os.replace(tmp, target / MODEL_FILE)
+    _write_meta(target, json.loads((ckpt / META).read_text())["step"], tokenizer.fingerprint)
+    return target
+
+
+_DCP_METADATA_ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                         ("torch.serialization", "_get_layout"), ("torch", "Size"),
+                         ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata only: its own classes, tensor dtypes and sizes; anything else is refused."""
+
+    def find_class(self, module, name):
+        if module == "torch.distributed.checkpoint.metadata":
+            import torch.distributed.checkpoint.metadata as metadata
+
+            obj = getattr(metadata, name, None)
+            if obj is not None and getattr(obj, "__module__", None) == module:  # defined there, not imported
+                return obj
+        elif (module, name) in _DCP_METADATA_ALLOWED or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        try:
+            with open(Path(self.path) / ".metadata", "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError) as e:
+            raise CheckpointError(f"{self.path}/.metadata cannot be read: {e}") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _dcp_load(state: dict, ckpt: Path, world: World = World()) -> None:
+    try:
+        dcp.load(state, storage_reader=_SafeReader(ckpt / DCP_DIR), no_dist=not world.distributed)
+    except CheckpointException as e:  # DCP gathers every rank's failure into one exception
+        causes = sorted({str(failure[0]).splitlines()[0] for failure in e.failures.values()})
+        raise CheckpointError(f"{ckpt / DCP_DIR} cannot be loaded: {'; '.join(causes)}") from None

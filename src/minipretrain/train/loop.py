@@ -2,6 +2,9 @@
 
     summary = train(load_config("configs/tiny.toml"), "runs/demo")
     summary = train(cfg, "runs/demo", resume=True)      # continue exactly where the last checkpoint left off
+
+Under torchrun every rank runs this same story on its part of each global batch (see parallel.py); rank 0 alone
+logs and writes files, every rank takes part in the collective steps (validation, samples, checkpoints).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model
 from tqdm import tqdm
 
 from minipretrain.config import Config, ModelConfig
@@ -27,6 +29,8 @@ from minipretrain.errors import CheckpointError, ConfigError, UserError
 from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.generate import complete
 from minipretrain.model import MiniMind
+from minipretrain.parallel import (World, clip_grad_norm, gradient_sync, init_distributed, parallelize,
+                                   resolve_device)
 from minipretrain.tokenizer import Tokenizer
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.metrics import MetricsLog
@@ -39,20 +43,6 @@ RUN_FILES = ("metrics.jsonl", "samples.txt", "summary.json", "config.toml", "tok
 
 def log(message: str) -> None:
     tqdm.write(message)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name}: CUDA is not available on this machine (use auto or cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("train.device=mps: MPS is not available on this machine (use auto or cpu)")
-    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -120,27 +110,30 @@ def _rewind_samples(path: Path, step: int) -> None:
     path.write_text("".join("--- step " + b for b in kept), encoding="utf-8")
 
 
-def accumulate_gradients(step_model, micro_batches, autocast, scaler, device) -> float:
-    """Forward and backward over a step's micro-batches; returns the step's mean loss.
+def accumulate_gradients(step_model, micro_batches, autocast, scaler, world: World = World()) -> float:
+    """Forward and backward over this rank's micro-batches of a step; returns the step's mean loss over all ranks.
 
-    Each micro-batch is weighted by its share of the step's predicted tokens, so accumulating equals one big
-    batch even when padding makes micro-batches unequal."""
+    Each micro-batch is weighted by its share of the global step's predicted tokens, so accumulating over
+    micro-steps and ranks equals one big batch even when padding makes micro-batches unequal."""
     counts = [int((batch.labels[:, 1:] != -100).sum()) for batch in micro_batches]
-    total_count = max(sum(counts), 1)
+    total_count = max(world.sum_over_dp([sum(counts)])[0], 1)
     step_loss = 0.0
-    for batch, count in zip(micro_batches, counts):
-        batch = batch.to(device)
-        with autocast:
-            loss = step_model(batch.inputs, labels=batch.labels, doc_ids=batch.doc_ids).loss * (count / total_count)
-        scaler.scale(loss).backward()
+    for i, (batch, count) in enumerate(zip(micro_batches, counts)):
+        batch = batch.to(world.device)
+        with gradient_sync(step_model, last_micro_step=i == len(micro_batches) - 1):
+            with autocast:
+                loss = step_model(batch.inputs, labels=batch.labels, doc_ids=batch.doc_ids).loss * (count / total_count)
+            # DDP and FSDP average gradients over the data-parallel ranks: scaling by their number turns that
+            # average into the sum, i.e. the mean over every predicted token of the global batch.
+            scaler.scale(loss * world.dp_size).backward()
         step_loss += loss.item()
-    return step_loss
+    return world.sum_over_dp([step_loss])[0]
 
 
 def apply_gradients(model, optimizer, scaler, grad_clip: float) -> float:
-    """Unscale, clip (0 = no clipping), step, clear; returns the gradient norm before clipping."""
+    """Unscale, clip (0 = no clipping), step, clear; returns the global gradient norm before clipping."""
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")).item()
+    grad_norm = clip_grad_norm(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -149,57 +142,92 @@ def apply_gradients(model, optimizer, scaler, grad_clip: float) -> float:
 
 def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrite: bool = False,
           show_progress: bool = True) -> dict:
-    run_dir = Path(run_dir)
-    t = cfg.train
-    ckpt = _prepare_run_dir(run_dir, resume, overwrite)
+    world = init_distributed(cfg.parallel, cfg.train.device)
+    try:
+        return _train(cfg, Path(run_dir), resume, overwrite, show_progress, world)
+    finally:
+        world.close()
+
+
+def _load_data(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | None, show_progress: bool, say,
+               world: World):
+    """Rank 0 trains the tokenizer and prepares raw sources while the others wait; then they load what it wrote."""
+    if world.is_main:
+        data = load_run_data(cfg, run_dir, checkpoint_tokenizer, show_progress, say)
+        if world.distributed:
+            data.tokenizer.save(run_dir / "tokenizer")
+    world.barrier()
+    if not world.is_main:
+        data = load_run_data(cfg, run_dir, checkpoint_tokenizer or Tokenizer.load(run_dir / "tokenizer"),
+                             False, say, verify_shards=False)
+    return data
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show_progress: bool, world: World) -> dict:
+    t, main = cfg.train, world.is_main
+    say = log if main else (lambda message: None)
+    show_progress = show_progress and main
+    ckpt = world.broadcast(_prepare_run_dir(run_dir, resume, overwrite) if main else None)
     state = None
     if ckpt is not None:
         _check_same_model(ckpt_io.read_checkpoint_config(ckpt).model, cfg.model, ckpt)
         state = ckpt_io.load_train_state(ckpt)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(t.device)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    device = world.device
     amp_dtype = resolve_dtype(t.dtype, device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals in Adam's state can make CPU steps several times slower
-    seed_everything(t.seed)
+    seed_everything(t.seed)  # the same initial weights on every rank
 
-    data = load_run_data(cfg, run_dir, Tokenizer.load(ckpt) if ckpt else None, show_progress, log)
+    data = _load_data(cfg, run_dir, Tokenizer.load(ckpt) if ckpt else None, show_progress, say, world)
     tokenizer, batches, val_sets = data.tokenizer, data.sampler, data.val_sets
-    (run_dir / "config.toml").write_text(cfg.to_toml())
+    if main:
+        (run_dir / "config.toml").write_text(cfg.to_toml())
 
     model = MiniMind(cfg.model).to(device)
-    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters on {device} ({str(amp_dtype).replace('torch.', '')})")
+    step_model = parallelize(model, world, cfg.parallel, amp_dtype)
+    if world.dp_rank:  # data-parallel replicas draw different dropout masks; tensor-parallel peers the same ones
+        seed_everything(t.seed + world.dp_rank)
+    layout = (f"; {world.size} processes, {cfg.parallel.mode if world.dp_size > 1 else 'no'} data parallel x "
+              f"{world.dp_size}, tensor parallel x {world.tp_size}" if world.distributed else "")
+    say(f"model: {model.num_parameters() / 1e6:.2f}M parameters on {device.type} "
+        f"({str(amp_dtype).replace('torch.', '')}){layout}")
     optimizer = build_optimizer(model, cfg.optim, device.type)
     autocast, scaler = mixed_precision(device, amp_dtype)
     token_bytes = token_byte_lengths(tokenizer, cfg.model.vocab_size)
 
     step, tokens, elapsed_before = 0, 0, 0.0
     if state is not None:
-        load_model(model, str(ckpt / ckpt_io.MODEL_FILE), device=str(device))
-        optimizer.load_state_dict(state["optimizer"])
+        ckpt_io.load_weights_and_optimizer(ckpt, model, optimizer, world)
         scaler.load_state_dict(state["scaler"])
         batches.load_state_dict(state["data"])
-        ckpt_io.restore_rng(state["rng"])
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
+        if not ckpt_io.restore_rng_of_rank(ckpt, world):
+            # Only dropout draws from these; the data order is the sampler's and continues exactly.
+            seed_everything(t.seed + 1_000_003 * step + world.dp_rank)
+            say(f"the checkpoint was saved by another number of processes than this run's {world.size}: random "
+                "number generators re-seeded (dropout masks differ from an uninterrupted run)")
         if step >= t.max_steps:
             raise UserError(f"{ckpt} is already at step {step} >= train.max_steps={t.max_steps}: "
                             f"raise it (--set train.max_steps=N) to train further")
-        log(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)")
-    step_model = torch.compile(model) if t.compile else model
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step)
-    _rewind_samples(run_dir / "samples.txt", step)
+        say(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)")
+    step_model = torch.compile(step_model) if t.compile else step_model
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step) if main else None
+    if main:
+        _rewind_samples(run_dir / "samples.txt", step)
 
     def save():
         train_state = {
-            "step": step, "tokens": tokens, "elapsed": elapsed(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "data": batches.state_dict(), "rng": ckpt_io.capture_rng(),
+            "step": step, "tokens": tokens, "elapsed": elapsed(), "scaler": scaler.state_dict(),
+            "data": batches.state_dict(),
         }
-        return ckpt_io.save_checkpoint(run_dir, step, model, cfg, tokenizer, train_state, t.keep_checkpoints)
+        return ckpt_io.save_checkpoint(run_dir, step, model, optimizer, cfg, tokenizer, train_state,
+                                       t.keep_checkpoints, world)
 
-    def validate():
-        by_source = {name: evaluate(model, rows, t.batch_size, token_bytes, t.eval_batches, str(device), autocast)
-                     for name, rows in val_sets.items()}
+    def validate():  # every rank evaluates (FSDP and tensor-parallel forwards are collective); rank 0 reports
+        by_source = {name: evaluate(model, rows, t.batch_size, token_bytes, t.eval_batches, str(device), autocast,
+                                    world=world) for name, rows in val_sets.items()}
         result = combine_results(list(by_source.values()))
         record = {"step": step, "val_loss": result["loss"], "val_bpb": result["bits_per_byte"],
                   "val_perplexity": result["perplexity"]}
@@ -207,17 +235,19 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
         if len(by_source) > 1:
             record["val_loss_by_source"] = {name: r["loss"] for name, r in by_source.items()}
             per_source = " (" + ", ".join(f"{name} {r['loss']:.4f}" for name, r in by_source.items()) + ")"
-        metrics.write(record)
-        log(f"step {step}: val loss {result['loss']:.4f}{per_source}, ppl {result['perplexity']:.2f}, "
+        if main:
+            metrics.write(record)
+        say(f"step {step}: val loss {result['loss']:.4f}{per_source}, ppl {result['perplexity']:.2f}, "
             f"{result['bits_per_byte']:.4f} bits/byte")
         return result
 
     def sample():
         generator = torch.Generator(device=device).manual_seed(t.seed)  # never touches the training RNG
         text = complete(model, tokenizer, t.sample_prompt, t.sample_tokens, generator=generator)
-        with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
-            f.write(f"--- step {step}\n{text}\n")
-        log(f"step {step} sample: {text[:300]!r}")
+        if main:
+            with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
+                f.write(f"--- step {step}\n{text}\n")
+        say(f"step {step} sample: {text[:300]!r}")
         return text
 
     start = time.perf_counter()
@@ -225,7 +255,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
     def elapsed():
         return elapsed_before + time.perf_counter() - start
 
-    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world.dp_size  # global
     first_val = validate() if val_sets and step == 0 else None
     last_val, losses = first_val, []
     first_step = step
@@ -239,8 +269,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
             lr = lr_at(step, cfg.optim, t.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = [batches.next_batch(t.batch_size) for _ in range(t.grad_accum)]
-            step_loss = accumulate_gradients(step_model, micro_batches, autocast, scaler, device)
+            micro_batches = [batches.next_batch(t.batch_size, world.dp_rank, world.dp_size)
+                             for _ in range(t.grad_accum)]
+            step_loss = accumulate_gradients(step_model, micro_batches, autocast, scaler, world)
             if not math.isfinite(step_loss):
                 raise UserError(f"loss is {step_loss} at step {step + 1}: training diverged; lower optim.lr or "
                                 f"raise optim.warmup_steps, then resume from the last checkpoint with --resume")
@@ -260,7 +291,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
                           "elapsed": round(elapsed(), 3), "tokens_per_s": round(tokens_per_s, 1)}
                 if len(batches.names) > 1:
                     record["tokens_by_source"] = batches.tokens_by_source()
-                metrics.write(record)
+                if main:
+                    metrics.write(record)
                 bar.set_postfix_str(f"loss {step_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s", refresh=False)
                 window_steps, window_time = 0, 0.0
             if val_sets and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
@@ -276,7 +308,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
         last_val = validate()
     sample_text = sample()
     final_ckpt = save()
-    metrics.close()
     total_time = elapsed()
     summary = {
         "steps": step, "tokens": tokens, "elapsed_s": round(total_time, 1),
@@ -287,6 +318,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
         "final_val_bpb": last_val["bits_per_byte"] if last_val else None,
         "checkpoint": str(final_ckpt), "sample": sample_text,
     }
+    if not main:
+        return summary
+    metrics.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     val_text = (f"val loss {summary['first_val_loss']:.4f} -> {summary['final_val_loss']:.4f}"
                 if first_val and last_val else "")

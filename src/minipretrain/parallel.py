@@ -1,0 +1,190 @@
+"""Scale-out on torch.distributed: the process group, the device mesh, and DDP / FSDP2 / tensor-parallel wrapping
+of a plain MiniMind. The model file never imports this one (torchtitan's `parallelize.py` split).
+
+    world = init_distributed(cfg.parallel, cfg.train.device)   # one process, or the ranks torchrun started
+    step_model = parallelize(model, world, cfg.parallel, amp_dtype)
+    with gradient_sync(step_model, last_micro_step): ...      # DDP all-reduces only at the accumulation boundary
+
+Ranks form a 2-D mesh ("dp", "tp"): each row of `tensor_parallel` ranks splits every layer and sees the same data;
+the rows are data parallel (DDP replicas or FSDP shards) and read disjoint parts of each global batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from minipretrain.config import ParallelConfig
+from minipretrain.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name}: CUDA is not available on this machine (use auto or cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("train.device=mps: MPS is not available on this machine (use auto or cpu)")
+    return torch.device(name)
+
+
+@dataclass
+class World:
+    """Where this process stands: its rank among all, its data-parallel rank, and its device."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_size: int = 1
+    device: torch.device = torch.device("cpu")
+    mesh: object = None  # a DeviceMesh with dims ("dp", "tp") when distributed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def sum_over_dp(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the data-parallel ranks (tensor-parallel ranks hold the same values)."""
+        if self.dp_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.mesh.get_group("dp"))
+        return t.tolist()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(cfg: ParallelConfig, device_name: str) -> World:
+    """Join the process group torchrun set up (nccl on CUDA, gloo on CPU) and build the ("dp", "tp") mesh;
+    without torchrun, a one-process World on the configured device."""
+    size = launched_world_size()
+    if size == 1:
+        if cfg.tensor_parallel > 1:
+            raise ConfigError(f"parallel.tensor_parallel={cfg.tensor_parallel} needs that many processes: launch "
+                              f"with torchrun --nproc_per_node {cfg.tensor_parallel}")
+        return World(device=resolve_device(device_name))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if size % cfg.tensor_parallel:
+        raise ConfigError(f"parallel.tensor_parallel={cfg.tensor_parallel} does not divide the {size} processes")
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ConfigError(f"train.device={device_name}: distributed training runs on CUDA or CPU, not {device.type}")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp_size = size // cfg.tensor_parallel
+    if cfg.mode == "ddp" and cfg.tensor_parallel > 1 and dp_size > 1:
+        raise ConfigError("parallel.mode=ddp cannot combine with tensor parallelism across data-parallel groups: "
+                          "use parallel.mode=fsdp for a 2-D (FSDP x TP) mesh, or tensor_parallel = all processes")
+    mesh = init_device_mesh(device.type, (dp_size, cfg.tensor_parallel), mesh_dim_names=("dp", "tp"))
+    return World(rank, size, local_rank, mesh["dp"].get_local_rank(), dp_size, cfg.tensor_parallel, device, mesh)
+
+
+# Tensor parallelism (Megatron style): q/k/v and gate/up split their outputs (whole heads, slices of the SwiGLU
+# width), o and down split their inputs and sum across ranks. Embedding, norms and the tied head stay replicated.
+def _tensor_parallel_plan():
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+
+
+def fsdp_options(cfg: ParallelConfig, amp_dtype: torch.dtype, device: torch.device) -> dict:
+    """fully_shard keyword arguments: low-precision compute with fp32 master weights and fp32 gradient reduction
+    when training in bf16, ZeRO-2-like when parameters stay gathered, optional CPU offload."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    if cfg.cpu_offload and device.type != "cuda":
+        raise ConfigError("parallel.cpu_offload offloads GPU memory to the CPU: it needs train.device=cuda")
+    options = {"reshard_after_forward": cfg.reshard_after_forward}
+    if amp_dtype != torch.float32:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)
+    if cfg.cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    return options
+
+
+def parallelize(model: torch.nn.Module, world: World, cfg: ParallelConfig, amp_dtype: torch.dtype) -> torch.nn.Module:
+    """Apply tensor parallelism, then FSDP2 or DDP, to `model` in place; returns the module to call for training.
+    For FSDP and TP that is `model` itself (its parameters become DTensors); for DDP it is the DDP wrapper."""
+    if not world.distributed:
+        return model
+    if amp_dtype == torch.float16 and (cfg.mode == "fsdp" or world.tp_size > 1):
+        raise ConfigError("train.dtype=float16 needs a gradient scaler that FSDP and tensor parallelism do not "
+                          "use here: train with bfloat16 (the default on GPUs that support it)")
+    if world.tp_size > 1:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        for block in model.layers:
+            parallelize_module(block, world.mesh["tp"], _tensor_parallel_plan())
+    if world.dp_size == 1:
+        return model
+    if cfg.mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        options = fsdp_options(cfg, amp_dtype, world.device)
+        for block in model.layers:  # one all-gather per block, overlapped with the previous block's compute
+            fully_shard(block, mesh=world.mesh["dp"], **options)
+        fully_shard(model, mesh=world.mesh["dp"], **options)  # embedding, final norm, tied head
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+
+
+def gradient_sync(step_model: torch.nn.Module, last_micro_step: bool):
+    """DDP: skip the gradient all-reduce on every micro-step but the last (they accumulate locally). FSDP
+    reduce-scatters every micro-step so that gradients stay sharded (ZeRO-3 memory)."""
+    if hasattr(step_model, "no_sync") and not last_micro_step:
+        return step_model.no_sync()
+    return nullcontext()
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """Clip the global gradient norm (0 = no clipping); returns the norm before clipping. DTensor gradients (FSDP
+    shards, tensor-parallel slices) count once over all ranks; plain ones (replicated) once per replica."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    with implicit_replication():  # lets replicated plain gradients mix with DTensor ones
+        norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm or float("inf"))
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()

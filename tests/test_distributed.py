@@ -1,0 +1,205 @@
+"""Distributed training on CPU: 2 processes under torchrun with the gloo backend, as a user launches them."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from minipretrain.errors import CheckpointError, ConfigError
+from minipretrain.train import checkpoint as ckpt_io
+from minipretrain.train.loop import train
+from minipretrain.train.metrics import read_metrics
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+TOLERANCE = 1e-5
+
+
+def _config(tmp_path, shakespeare, tokenizer_dir, *overrides):
+    cfg = tiny_config(f"data.path={json.dumps(str(shakespeare))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}",
+                      "train.grad_accum=2", "train.save_every=3", "train.eval_every=3", *overrides)
+    path = tmp_path / f"config_{len(list(tmp_path.glob('config_*')))}.toml"
+    path.write_text(cfg.to_toml())
+    return cfg, path
+
+
+def torchrun(nproc: int, *args: str, script: list[str] = ("-m", "minipretrain"), timeout: float = 240,
+             check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *script, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _steps(run) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+def _assert_same_steps(a: dict, b: dict, steps) -> None:
+    for step in steps:
+        assert abs(a[step]["loss"] - b[step]["loss"]) < TOLERANCE, (step, a[step]["loss"], b[step]["loss"])
+        assert abs(a[step]["grad_norm"] - b[step]["grad_norm"]) < 1e-4 * max(1.0, a[step]["grad_norm"]), step
+        assert a[step]["tokens"] == b[step]["tokens"], step
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, shakespeare, tokenizer_dir):
+    """The reference: one process, batch 4 x 2 micro-steps, 6 steps, checkpoints at 3 and 6."""
+    tmp = tmp_path_factory.mktemp("single")
+    cfg, _ = _config(tmp, shakespeare, tokenizer_dir)
+    train(cfg, tmp / "run", show_progress=False)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, shakespeare, tokenizer_dir):
+    """Two FSDP2 ranks with batch 2 each: the same global batch as the reference."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    _, config = _config(tmp, shakespeare, tokenizer_dir, "train.batch_size=2", "parallel.mode=fsdp")
+    torchrun(2, "train", "--config", str(config), "--run-dir", str(tmp / "run"), "--no-progress")
+    return tmp / "run"
+
+
+def test_ddp_two_ranks_equal_one_process(tmp_path, shakespeare, tokenizer_dir, single_run):
+    _, config = _config(tmp_path, shakespeare, tokenizer_dir, "train.batch_size=2", "parallel.mode=ddp")
+    result = torchrun(2, "train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress")
+    ddp, single = _steps(tmp_path / "run"), _steps(single_run)
+    _assert_same_steps(ddp, single, range(1, 7))
+    assert ddp[6]["tokens"] == 6 * 2 * 2 * 32 * 2  # global: steps x ranks x batch x seq x grad_accum
+    # rank 0 alone logs: each line once
+    assert result.stderr.count("done: 6 steps") + result.stdout.count("done: 6 steps") == 1
+    assert "ddp data parallel x 2" in result.stderr + result.stdout
+    val = [r["val_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    ref = [r["val_loss"] for r in read_metrics(single_run / "metrics.jsonl") if "val_loss" in r]
+    assert val == pytest.approx(ref, abs=TOLERANCE)
+
+
+def test_fsdp_equals_one_process_and_shards_its_checkpoint(fsdp_run, single_run):
+    _assert_same_steps(_steps(fsdp_run), _steps(single_run), range(1, 7))
+    ckpt = fsdp_run / "checkpoints" / "step_000006"
+    shards = sorted(p.name for p in (ckpt / "dcp").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shard
+    assert not (ckpt / "model.safetensors").exists()  # no gather at save time
+    assert sorted(p.name for p in ckpt.glob("rng_*.pt")) == ["rng_00000.pt", "rng_00001.pt"]
+
+
+def test_tensor_parallel_equals_one_process(tmp_path, shakespeare, tokenizer_dir, single_run):
+    # tensor parallel x 2 and no data parallelism: both ranks see the whole batch of 4
+    _, config = _config(tmp_path, shakespeare, tokenizer_dir, "parallel.tensor_parallel=2")
+    torchrun(2, "train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress")
+    _assert_same_steps(_steps(tmp_path / "run"), _steps(single_run), range(1, 7))
+
+
+def test_checkpoint_saved_on_two_ranks_resumes_on_one(tmp_path, fsdp_run, single_run, shakespeare, tokenizer_dir):
+    cfg, _ = _config(tmp_path, shakespeare, tokenizer_dir)
+    train(cfg, tmp_path / "run", resume=str(fsdp_run / "checkpoints" / "step_000003"), show_progress=False)
+    resumed = _steps(tmp_path / "run")
+    assert sorted(resumed) == [4, 5, 6]  # the samples it had not seen, no more
+    _assert_same_steps(resumed, _steps(single_run), range(4, 7))
+
+
+def test_checkpoint_saved_on_one_rank_resumes_on_two(tmp_path, single_run, shakespeare, tokenizer_dir):
+    _, config = _config(tmp_path, shakespeare, tokenizer_dir, "train.batch_size=2", "parallel.mode=fsdp")
+    torchrun(2, "train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress",
+             "--resume", str(single_run / "checkpoints" / "step_000003"))
+    _assert_same_steps(_steps(tmp_path / "run"), _steps(single_run), range(4, 7))
+
+
+def test_consolidate_gathers_the_shards(tmp_path, fsdp_run, capsys):
+    from minipretrain.cli import main
+
+    ckpt = fsdp_run / "checkpoints" / "step_000006"
+    from_shards, _, _, _ = ckpt_io.load_model_from_checkpoint(ckpt)  # read straight from dcp/
+    main(["checkpoint", "consolidate", str(fsdp_run), "--out", str(tmp_path / "export")])
+    assert "model.safetensors" in capsys.readouterr().out
+    exported, _, _, _ = ckpt_io.load_model_from_checkpoint(tmp_path / "export")
+    for (name, a), (_, b) in zip(from_shards.state_dict().items(), exported.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        "config.json", "config.toml", "meta.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    main(["generate", "--ckpt", str(tmp_path / "export"), "--max-new-tokens", "4", "--device", "cpu"])
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(SystemExit):  # refuses to write into a non-empty directory
+        main(["checkpoint", "consolidate", str(fsdp_run), "--out", str(tmp_path / "export")])
+
+
+def test_checkpoint_metadata_cannot_run_code(tmp_path, single_run):
+    import pickle
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(single_run / "checkpoints" / "step_000006", ckpt)
+    (ckpt / "model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    ckpt_io._write_meta(ckpt, 6, "x")  # even with matching checksums
+    with pytest.raises(CheckpointError, match="not allowed in checkpoint metadata"):
+        ckpt_io.load_model_from_checkpoint(ckpt)
+    assert not (tmp_path / "pwned").exists()
+
+
+FAILING_RANK = """
+import os, signal, sys
+from minipretrain.data import batches
+
+if os.environ["RANK"] == "1":
+    next_batch, calls = batches.MixtureSampler.next_batch, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # step 3, with two micro-batches per step
+            if sys.argv[1] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("injected failure on rank 1")
+        return next_batch(self, *args, **kwargs)
+
+    batches.MixtureSampler.next_batch = failing
+
+from minipretrain.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_failing_rank_ends_the_job(tmp_path, shakespeare, tokenizer_dir, how):
+    _, config = _config(tmp_path, shakespeare, tokenizer_dir, "train.batch_size=2", "train.max_steps=50")
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK)
+    start = time.monotonic()
+    result = torchrun(2, how, "train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress",
+                      script=[str(script)], timeout=180, check=False)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 120  # no hung rank waiting for its peer
+    if how == "raise":
+        assert "injected failure on rank 1" in result.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_parallel_config_errors(monkeypatch):
+    from minipretrain.parallel import World, fsdp_options, init_distributed
+
+    with pytest.raises(ConfigError, match="parallel.mode"):
+        tiny_config("parallel.mode=zero")
+    with pytest.raises(ConfigError, match="model.num_key_value_heads: 2 is not divisible by parallel.tensor_parallel=4"):
+        tiny_config("parallel.tensor_parallel=4")
+    with pytest.raises(ConfigError, match="needs that many processes"):
+        init_distributed(tiny_config("parallel.tensor_parallel=2").parallel, "cpu")
+    with pytest.raises(ConfigError, match="cpu_offload.*needs train.device=cuda"):
+        fsdp_options(tiny_config("parallel.cpu_offload=true").parallel, torch.float32, torch.device("cpu"))
+    options = fsdp_options(tiny_config("parallel.reshard_after_forward=false").parallel, torch.bfloat16,
+                           torch.device("cpu"))
+    assert options["reshard_after_forward"] is False  # ZeRO-2-like: parameters stay gathered until backward
+    assert options["mp_policy"].param_dtype == torch.bfloat16 and options["mp_policy"].reduce_dtype == torch.float32
+    assert World().is_main and not World().distributed
