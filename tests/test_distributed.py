@@ -98,6 +98,15 @@ def test_tensor_parallel_equals_one_process(tmp_path, shakespeare, tokenizer_dir
     _assert_same_steps(_steps(tmp_path / "run"), _steps(single_run), range(1, 7))
 
 
+def test_fsdp_with_tensor_parallel_2d_mesh_equals_one_process(tmp_path, shakespeare, tokenizer_dir, single_run):
+    # 4 processes: 2 FSDP shards x 2 tensor-parallel ranks, batch 2 per data-parallel rank
+    _, config = _config(tmp_path, shakespeare, tokenizer_dir, "train.batch_size=2", "parallel.mode=fsdp",
+                        "parallel.tensor_parallel=2", "train.max_steps=6")
+    result = torchrun(4, "train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress")
+    assert "fsdp data parallel x 2, tensor parallel x 2" in result.stderr + result.stdout
+    _assert_same_steps(_steps(tmp_path / "run"), _steps(single_run), range(1, 7))
+
+
 def test_checkpoint_saved_on_two_ranks_resumes_on_one(tmp_path, fsdp_run, single_run, shakespeare, tokenizer_dir):
     cfg, _ = _config(tmp_path, shakespeare, tokenizer_dir)
     train(cfg, tmp_path / "run", resume=str(fsdp_run / "checkpoints" / "step_000003"), show_progress=False)
@@ -153,19 +162,31 @@ def test_checkpoint_metadata_cannot_run_code(tmp_path, single_run):
 FAILING_RANK = """
 import os, signal, sys
 from minipretrain.data import batches
+from minipretrain.train import checkpoint
 
-if os.environ["RANK"] == "1":
+how = sys.argv[1]
+if os.environ["RANK"] == "1" and how in ("raise", "kill"):
     next_batch, calls = batches.MixtureSampler.next_batch, []
 
     def failing(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 5:  # step 3, with two micro-batches per step
-            if sys.argv[1] == "kill":
+            if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("injected failure on rank 1")
         return next_batch(self, *args, **kwargs)
 
     batches.MixtureSampler.next_batch = failing
+if os.environ["RANK"] == "1" and how == "kill-in-save":
+    save, saves = checkpoint.dcp.save, []
+
+    def dying_save(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # the checkpoint of step 6, while rank 0 writes its shard
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(*args, **kwargs)
+
+    checkpoint.dcp.save = dying_save
 
 from minipretrain.cli import main
 main(sys.argv[2:])
@@ -185,6 +206,46 @@ def test_a_failing_rank_ends_the_job(tmp_path, shakespeare, tokenizer_dir, how):
     if how == "raise":
         assert "injected failure on rank 1" in result.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_rank_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, shakespeare, tokenizer_dir,
+                                                                          single_run):
+    _, config = _config(tmp_path, shakespeare, tokenizer_dir, "train.batch_size=2", "parallel.mode=fsdp")
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK)
+    run = tmp_path / "run"
+    result = torchrun(2, "kill-in-save", "train", "--config", str(config), "--run-dir", str(run), "--no-progress",
+                      script=[str(script)], check=False)
+    assert result.returncode != 0
+    assert (run / "latest").read_text().strip() == "checkpoints/step_000003"  # the torn save is not pointed to
+    torchrun(2, "train", "--run-dir", str(run), "--resume", "--no-progress")
+    assert (run / "latest").read_text().strip() == "checkpoints/step_000006"
+    assert not list((run / "checkpoints").glob(".tmp_*"))
+    _assert_same_steps(_steps(run), _steps(single_run), range(1, 7))
+
+
+def test_gradient_sync_and_clipping_in_one_process():
+    from minipretrain.parallel import clip_grad_norm, gradient_sync
+
+    class FakeDDP:
+        def no_sync(self):
+            return "no_sync"
+
+    assert gradient_sync(FakeDDP(), last_micro_step=False) == "no_sync"  # accumulate locally...
+    assert gradient_sync(FakeDDP(), last_micro_step=True) != "no_sync"  # ...all-reduce at the boundary
+    torch.manual_seed(0)
+    a, b = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)], [torch.nn.Parameter(torch.randn(5, 3))
+                                                                        for _ in range(2)]
+    for pa, pb in zip(a, b):
+        pa.grad = torch.randn(5, 3)
+        pb.grad = pa.grad.clone()
+        pb.data = pa.data.clone()
+    ours = clip_grad_norm(a, 0.5)
+    reference = torch.nn.utils.clip_grad_norm_(b, 0.5).item()
+    assert ours == pytest.approx(reference, rel=1e-6)
+    for pa, pb in zip(a, b):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-7)
+    assert clip_grad_norm(a, 0.0) == pytest.approx(0.5, rel=1e-5)  # 0: measure only, no clipping
 
 
 def test_parallel_config_errors(monkeypatch):

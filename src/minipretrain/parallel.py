@@ -180,11 +180,23 @@ def gradient_sync(step_model: torch.nn.Module, last_micro_step: bool):
 
 
 def clip_grad_norm(parameters, max_norm: float) -> float:
-    """Clip the global gradient norm (0 = no clipping); returns the norm before clipping. DTensor gradients (FSDP
-    shards, tensor-parallel slices) count once over all ranks; plain ones (replicated) once per replica."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor.experimental import implicit_replication
+    """Clip the global gradient norm (0 = no clipping); returns the norm before clipping.
 
-    with implicit_replication():  # lets replicated plain gradients mix with DTensor ones
-        norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm or float("inf"))
-    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+    Gradients are grouped by where they live: plain tensors (replicated, counted once), and DTensors per device
+    mesh (FSDP shards on "dp", FSDP x TP on both dims), each group's norm reduced over its own mesh."""
+    from torch.distributed.tensor import DTensor
+
+    groups: dict = {}
+    for p in parameters:
+        if p.grad is not None:
+            groups.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float() ** 2)
+    total = torch.stack(squares).sum().sqrt().item() if squares else 0.0
+    if max_norm and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for grads in groups.values():
+            torch._foreach_mul_(grads, scale)
+    return total
