@@ -144,7 +144,7 @@ def bench_loader(args, tokenizer: Tokenizer, scratch: Path) -> dict:
             start = time.perf_counter()
             batch = sampler.next_batch(t.batch_size)
             loaded = time.perf_counter()
-            accumulate_gradients(model, [batch], autocast, scaler, "cpu")
+            accumulate_gradients(model, [batch], autocast, scaler)  # one process on the CPU
             apply_gradients(model, optimizer, scaler, cfg.optim.grad_clip)
             done = time.perf_counter()
             if step >= args.warmup:

@@ -32,8 +32,8 @@ from minipretrain.config import load_config
 from minipretrain.data.batches import Batch
 from minipretrain.errors import UserError
 from minipretrain.model import MiniMind
-from minipretrain.train.loop import (accumulate_gradients, apply_gradients, mixed_precision, resolve_device,
-                                     resolve_dtype, seed_everything)
+from minipretrain.parallel import World, resolve_device
+from minipretrain.train.loop import accumulate_gradients, apply_gradients, mixed_precision, resolve_dtype, seed_everything
 from minipretrain.train.metrics import FLOPS_FORMULA, flops_per_token
 from minipretrain.train.optim import build_optimizer
 from minipretrain.train.schedule import lr_at
@@ -104,7 +104,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.n, cfg.optim, t.max_steps)
         micro_batches = [self.batches[(self.n * t.grad_accum + i) % len(self.batches)] for i in range(t.grad_accum)]
-        step_loss = accumulate_gradients(self.step_model, micro_batches, self.autocast, self.scaler, self.device)
+        step_loss = accumulate_gradients(self.step_model, micro_batches, self.autocast, self.scaler,
+                                         World(device=self.device))
         self.sync()
         optim_start = time.perf_counter()
         apply_gradients(self.model, self.optimizer, self.scaler, cfg.optim.grad_clip)

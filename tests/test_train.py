@@ -220,7 +220,8 @@ def test_cli_generate_and_eval(tmp_path, shakespeare, tokenizer_dir, capsys):
 
 def test_device_and_precision_resolution_on_cpu():
     from minipretrain.errors import ConfigError
-    from minipretrain.train.loop import resolve_device, resolve_dtype
+    from minipretrain.parallel import resolve_device
+    from minipretrain.train.loop import resolve_dtype
 
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == torch.float32

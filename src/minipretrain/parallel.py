@@ -42,7 +42,6 @@ class World:
     """Where this process stands: its rank among all, its data-parallel rank, and its device."""
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
     dp_rank: int = 0
     dp_size: int = 1
     tp_size: int = 1
@@ -115,7 +114,7 @@ def init_distributed(cfg: ParallelConfig, device_name: str) -> World:
         raise ConfigError("parallel.mode=ddp cannot combine with tensor parallelism across data-parallel groups: "
                           "use parallel.mode=fsdp for a 2-D (FSDP x TP) mesh, or tensor_parallel = all processes")
     mesh = init_device_mesh(device.type, (dp_size, cfg.tensor_parallel), mesh_dim_names=("dp", "tp"))
-    return World(rank, size, local_rank, mesh["dp"].get_local_rank(), dp_size, cfg.tensor_parallel, device, mesh)
+    return World(rank, size, mesh["dp"].get_local_rank(), dp_size, cfg.tensor_parallel, device, mesh)
 
 
 # Tensor parallelism (Megatron style): q/k/v and gate/up split their outputs (whole heads, slices of the SwiGLU

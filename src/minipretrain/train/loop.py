@@ -29,8 +29,7 @@ from minipretrain.errors import CheckpointError, ConfigError, UserError
 from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.generate import complete
 from minipretrain.model import MiniMind
-from minipretrain.parallel import (World, clip_grad_norm, gradient_sync, init_distributed, parallelize,
-                                   resolve_device)
+from minipretrain.parallel import World, clip_grad_norm, gradient_sync, init_distributed, parallelize
 from minipretrain.tokenizer import Tokenizer
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.metrics import MetricsLog
@@ -143,10 +142,9 @@ def apply_gradients(model, optimizer, scaler, grad_clip: float) -> float:
 def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrite: bool = False,
           show_progress: bool = True) -> dict:
     world = init_distributed(cfg.parallel, cfg.train.device)
-    try:
-        return _train(cfg, Path(run_dir), resume, overwrite, show_progress, world)
-    finally:
-        world.close()
+    summary = _train(cfg, Path(run_dir), resume, overwrite, show_progress, world)
+    world.close()  # not on failure: peers may still wait in a collective, and torchrun stops them anyway
+    return summary
 
 
 def _load_data(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | None, show_progress: bool, say,
