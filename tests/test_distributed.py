@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import assert_cli_errors, tiny_config
 from minipretrain.errors import CheckpointError, ConfigError
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.loop import train
@@ -136,8 +136,10 @@ def test_consolidate_gathers_the_shards(tmp_path, fsdp_run, capsys):
         "config.json", "config.toml", "meta.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     main(["generate", "--ckpt", str(tmp_path / "export"), "--max-new-tokens", "4", "--device", "cpu"])
     assert capsys.readouterr().out.strip()
-    with pytest.raises(SystemExit):  # refuses to write into a non-empty directory
-        main(["checkpoint", "consolidate", str(fsdp_run), "--out", str(tmp_path / "export")])
+    assert_cli_errors({
+        "is not empty": ["checkpoint", "consolidate", str(fsdp_run), "--out", str(tmp_path / "export")],
+        "no checkpoint at": ["checkpoint", "consolidate", str(tmp_path / "missing")],
+    }, capsys)
 
 
 def test_checkpoint_metadata_cannot_run_code(tmp_path, single_run):
@@ -253,6 +255,10 @@ def test_parallel_config_errors(monkeypatch):
 
     with pytest.raises(ConfigError, match="parallel.mode"):
         tiny_config("parallel.mode=zero")
+    with pytest.raises(ConfigError, match="parallel.backend"):
+        tiny_config("parallel.backend=mpi")
+    with pytest.raises(ConfigError, match="parallel.timeout_s"):
+        tiny_config("parallel.timeout_s=0")
     with pytest.raises(ConfigError, match="model.num_key_value_heads: 2 is not divisible by parallel.tensor_parallel=4"):
         tiny_config("parallel.tensor_parallel=4")
     with pytest.raises(ConfigError, match="needs that many processes"):

@@ -162,7 +162,6 @@ class Config:
         return "\n".join(lines)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
                     "parallel": ParallelConfig}
 

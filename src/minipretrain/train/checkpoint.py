@@ -205,11 +205,15 @@ def read_checkpoint_config(ckpt: Path) -> Config:
     return load_config(ckpt / "config.toml")
 
 
-def load_train_state(ckpt: Path) -> dict:
+def _load_tensors(path: Path) -> dict:
     try:
-        return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors have no common base class
-        raise CheckpointError(f"{ckpt / STATE_FILE} cannot be read ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def load_train_state(ckpt: Path) -> dict:
+    return _load_tensors(ckpt / STATE_FILE)
 
 
 def restore_rng_of_rank(ckpt: Path, world: World = World()) -> bool:
@@ -217,11 +221,7 @@ def restore_rng_of_rank(ckpt: Path, world: World = World()) -> bool:
     files = sorted(ckpt.glob("rng_*.pt"))
     if len(files) != world.size:
         return False
-    try:
-        state = torch.load(files[world.rank], map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors have no common base class
-        raise CheckpointError(f"{files[world.rank]} cannot be read ({type(e).__name__}: {e})") from None
-    restore_rng(state)
+    restore_rng(_load_tensors(files[world.rank]))
     return True
 
 
