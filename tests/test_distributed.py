@@ -82,6 +82,25 @@ def test_ddp_two_ranks_equal_one_process(tmp_path, shakespeare, tokenizer_dir, s
     assert val == pytest.approx(ref, abs=TOLERANCE)
 
 
+def test_two_nodes_over_c10d_rendezvous_equal_one_process(tmp_path, shakespeare, tokenizer_dir, single_run):
+    """Two torchrun "nodes" (one process each, here on one machine) joined by the c10d rendezvous, as on a cluster."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    _, config = _config(tmp_path, shakespeare, tokenizer_dir, "train.batch_size=2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=localhost:{port}", "--rdzv_id=test", "-m", "minipretrain", "train", "--config",
+           str(config), "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    _assert_same_steps(_steps(tmp_path / "run"), _steps(single_run), range(1, 7))
+
+
 def test_fsdp_equals_one_process_and_shards_its_checkpoint(fsdp_run, single_run):
     _assert_same_steps(_steps(fsdp_run), _steps(single_run), range(1, 7))
     ckpt = fsdp_run / "checkpoints" / "step_000006"
