@@ -155,6 +155,15 @@ def test_consolidate_gathers_the_shards(tmp_path, fsdp_run, capsys):
         "config.json", "config.toml", "meta.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     main(["generate", "--ckpt", str(tmp_path / "export"), "--max-new-tokens", "4", "--device", "cpu"])
     assert capsys.readouterr().out.strip()
+    # in place: model.safetensors joins the checkpoint and its checksums
+    import shutil
+
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    main(["checkpoint", "consolidate", str(tmp_path / "ckpt")])
+    meta = ckpt_io.verify_checkpoint(tmp_path / "ckpt")
+    assert "model.safetensors" in meta["files"] and "dcp/__1_0.distcp" in meta["files"]
+    in_place, _, _, _ = ckpt_io.load_model_from_checkpoint(tmp_path / "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(in_place.state_dict().values(), exported.state_dict().values()))
     assert_cli_errors({
         "is not empty": ["checkpoint", "consolidate", str(fsdp_run), "--out", str(tmp_path / "export")],
         "no checkpoint at": ["checkpoint", "consolidate", str(tmp_path / "missing")],
@@ -282,6 +291,21 @@ def test_parallel_config_errors(monkeypatch):
         tiny_config("parallel.tensor_parallel=4")
     with pytest.raises(ConfigError, match="needs that many processes"):
         init_distributed(tiny_config("parallel.tensor_parallel=2").parallel, "cpu")
+    # under torchrun, layouts that cannot work are refused before the process group is joined
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="tensor_parallel=2 does not divide the 3 processes"):
+        init_distributed(tiny_config("parallel.tensor_parallel=2").parallel, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="parallel.mode=ddp cannot combine with tensor parallelism"):
+        init_distributed(tiny_config("parallel.tensor_parallel=2", "parallel.mode=ddp").parallel, "cpu")
+    assert not torch.distributed.is_initialized()
+    from minipretrain.model import MiniMind
+    from minipretrain.parallel import parallelize
+
+    with pytest.raises(ConfigError, match="float16.*bfloat16"):  # fp16 needs a scaler FSDP does not use here
+        parallelize(MiniMind(tiny_config().model), World(size=2, dp_size=2), tiny_config("parallel.mode=fsdp").parallel,
+                    torch.float16)
     with pytest.raises(ConfigError, match="cpu_offload.*needs train.device=cuda"):
         fsdp_options(tiny_config("parallel.cpu_offload=true").parallel, torch.float32, torch.device("cpu"))
     options = fsdp_options(tiny_config("parallel.reshard_after_forward=false").parallel, torch.bfloat16,

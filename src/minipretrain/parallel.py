@@ -98,6 +98,10 @@ def init_distributed(cfg: ParallelConfig, device_name: str) -> World:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if size % cfg.tensor_parallel:
         raise ConfigError(f"parallel.tensor_parallel={cfg.tensor_parallel} does not divide the {size} processes")
+    dp_size = size // cfg.tensor_parallel
+    if cfg.mode == "ddp" and cfg.tensor_parallel > 1 and dp_size > 1:
+        raise ConfigError("parallel.mode=ddp cannot combine with tensor parallelism across data-parallel groups: "
+                          "use parallel.mode=fsdp for a 2-D (FSDP x TP) mesh, or tensor_parallel = all processes")
     device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per process
@@ -109,10 +113,6 @@ def init_distributed(cfg: ParallelConfig, device_name: str) -> World:
                             device_id=device if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
 
-    dp_size = size // cfg.tensor_parallel
-    if cfg.mode == "ddp" and cfg.tensor_parallel > 1 and dp_size > 1:
-        raise ConfigError("parallel.mode=ddp cannot combine with tensor parallelism across data-parallel groups: "
-                          "use parallel.mode=fsdp for a 2-D (FSDP x TP) mesh, or tensor_parallel = all processes")
     mesh = init_device_mesh(device.type, (dp_size, cfg.tensor_parallel), mesh_dim_names=("dp", "tp"))
     return World(rank, size, mesh["dp"].get_local_rank(), dp_size, cfg.tensor_parallel, device, mesh)
 

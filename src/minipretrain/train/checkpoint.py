@@ -115,13 +115,15 @@ def save_checkpoint(run_dir: Path, step: int, model: MiniMind, optimizer: torch.
     return final
 
 
-def _write_meta(ckpt: Path, step: int, tokenizer_fingerprint: str) -> None:
-    """fsync every file, then record their checksums in meta.json: its presence marks the checkpoint complete."""
+def _write_meta(ckpt: Path, step: int, tokenizer_fingerprint: str, verified: dict | None = None) -> None:
+    """fsync every file, then record their checksums in meta.json: its presence marks the checkpoint complete.
+    `verified`: checksums of files just verified and left unchanged, not read again."""
+    verified = verified or {}
     files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != META)
     for f in files:
         fsync_path(ckpt / f)
     meta = {"step": step, "tokenizer_fingerprint": tokenizer_fingerprint,
-            "files": {f: sha256_file(ckpt / f) for f in files}}
+            "files": {f: verified.get(f) or sha256_file(ckpt / f) for f in files}}
     write_atomic(ckpt / META, json.dumps(meta, indent=2) + "\n")
 
 
@@ -253,7 +255,9 @@ def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     tmp = target / f".{MODEL_FILE}.tmp"
     save_model(model, str(tmp))
     os.replace(tmp, target / MODEL_FILE)
-    _write_meta(target, json.loads((ckpt / META).read_text())["step"], tokenizer.fingerprint)
+    meta = json.loads((ckpt / META).read_text())  # verified on load: the shards need not be hashed again
+    unchanged = {f: digest for f, digest in meta["files"].items() if f != MODEL_FILE}
+    _write_meta(target, meta["step"], tokenizer.fingerprint, unchanged if target == ckpt else None)
     return target
 
 
