@@ -34,8 +34,9 @@ from minipretrain.data.batches import MixtureSampler, make_rows
 from minipretrain.data.shards import PrepareOptions, PreparedData, prepare
 from minipretrain.data.sources import iter_documents
 from minipretrain.model import MiniMind
+from minipretrain.precision import mixed_precision
 from minipretrain.tokenizer import Tokenizer, train_tokenizer
-from minipretrain.train.loop import accumulate_gradients, apply_gradients, mixed_precision, seed_everything
+from minipretrain.train.loop import accumulate_gradients, apply_gradients, seed_everything
 from minipretrain.train.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -68,7 +68,8 @@ def worker(args) -> None:
     from minipretrain.data.batches import Batch
     from minipretrain.model import MiniMind
     from minipretrain.parallel import init_distributed, parallelize
-    from minipretrain.train.loop import accumulate_gradients, apply_gradients, mixed_precision, seed_everything
+    from minipretrain.precision import mixed_precision
+    from minipretrain.train.loop import accumulate_gradients, apply_gradients, seed_everything
     from minipretrain.train.optim import build_optimizer
 
     torch.set_num_threads(args.threads)

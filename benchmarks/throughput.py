@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py --config configs/minimind2-26m.toml --batch-size 4 --seq-len 512
     python benchmarks/throughput.py --config configs/minimind2-26m.toml --compare-optimizer --steps 6
+    python benchmarks/throughput.py --config configs/minimind2-26m.toml --compare-dtype --steps 10
 
 Each step is the training step of `minipretrain.train.loop.train` on random tokens: the real `MiniMind`, the real
 `build_optimizer`, autocast unless float32, GradScaler for float16, clip_grad_norm_, optimizer.step and
@@ -9,10 +10,12 @@ zero_grad(set_to_none=True). No data loading, validation or checkpointing is tim
 
 FLOPs per token = 6*N + 12*L*H*Q*T  (nanoGPT's convention: N = model.num_parameters(), tied embedding counted
 once; L layers, H attention heads, Q head dim, T sequence length; forward + backward).
-MFU = tokens/s * FLOPs per token / peak FLOP/s of the hardware (--peak-tflops, or a table of bf16 dense peaks).
+MFU = tokens/s * FLOPs per token / peak FLOP/s of the hardware (--peak-tflops, or on CUDA a table of dense
+tensor-core peaks: bf16/fp16 for mixed precision, TF32 for float32).
 
---compare-optimizer trains two identical copies of the model, one with fused and one with foreach AdamW, in
-alternating blocks of steps so that drift in a shared, noisy machine hits both alike; it quotes each one's medians.
+--compare-optimizer trains two identical copies of the model, one with fused and one with foreach AdamW, and
+--compare-dtype two copies in float32 and in bfloat16 autocast, in alternating blocks of steps so that drift in a
+shared, noisy machine hits both alike; each quotes both runs' medians.
 """
 
 from __future__ import annotations
@@ -33,12 +36,11 @@ from minipretrain.data.batches import Batch
 from minipretrain.errors import UserError
 from minipretrain.model import MiniMind
 from minipretrain.parallel import World, resolve_device
-from minipretrain.train.loop import accumulate_gradients, apply_gradients, mixed_precision, resolve_dtype, seed_everything
-from minipretrain.train.metrics import FLOPS_FORMULA, flops_per_token
+from minipretrain.precision import configure_device, mixed_precision, native_cpu_bf16, resolve_precision
+from minipretrain.train.loop import accumulate_gradients, apply_gradients, seed_everything
+from minipretrain.train.metrics import FLOPS_FORMULA, flops_per_token, gpu_peak_tflops
 from minipretrain.train.optim import build_optimizer
 from minipretrain.train.schedule import lr_at
-
-GPU_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))  # bf16 dense
 
 
 def parse_args(argv):
@@ -54,22 +56,32 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compiled during warmup)")
     p.add_argument("--peak-tflops", type=float, help="hardware peak for MFU (default: GPU table; CPU: n/a)")
-    p.add_argument("--compare-optimizer", action="store_true", help="fused vs foreach AdamW, interleaved")
-    p.add_argument("--block", type=int, default=2, help="steps per A/B block with --compare-optimizer")
+    compare = p.add_mutually_exclusive_group()
+    compare.add_argument("--compare-optimizer", action="store_true", help="fused vs foreach AdamW, interleaved")
+    compare.add_argument("--compare-dtype", action="store_true", help="float32 vs bfloat16 autocast, interleaved")
+    p.add_argument("--block", type=int, default=2, help="steps per A/B block with --compare-*")
     p.add_argument("--json", type=Path, help="default: benchmarks/results/throughput-<preset>.json")
     return p.parse_args(argv)
 
 
-def peak_tflops(args, device) -> tuple[float | None, str]:
+def peak_tflops(args, device, dtype) -> tuple[float | None, str]:
     if args.peak_tflops:
         return args.peak_tflops, "--peak-tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS:
-            if key in name:
-                return tflops, f"{name}, bf16 dense, from the table"
-        sys.exit(f"unknown GPU {name!r}: pass --peak-tflops (its dense bf16 peak) to compute MFU")
+        tflops = gpu_peak_tflops(name, dtype)
+        if tflops is None:
+            sys.exit(f"unknown GPU {name!r}: pass --peak-tflops (its dense peak for this dtype) to compute MFU")
+        kind = "TF32" if dtype == torch.float32 else "bf16/fp16"
+        return tflops, f"{name}, dense {kind} tensor cores, from the table"
     return None, "n/a (pass --peak-tflops for this CPU)"
+
+
+def cpu_description() -> str:
+    """The CPU model (as lscpu names it) and its bf16 support, which decides whether bf16 pays off on it."""
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return f"{name}, native bf16: {native_cpu_bf16() or 'none (bf16 is emulated)'}"
 
 
 def make_optimizer(model, cfg, device_type, impl):
@@ -83,11 +95,12 @@ def make_optimizer(model, cfg, device_type, impl):
 
 
 class Trainer:
-    """One model + optimizer; step() is loop.py's training step on random tokens, timed."""
+    """One model + optimizer + dtype; step() is loop.py's training step on random tokens, timed."""
 
     def __init__(self, model, optimizer, name, cfg, device, amp_dtype, batches):
         self.model, self.optimizer, self.name, self.cfg, self.device = model, optimizer, name, cfg, device
         self.batches, self.step_model = batches, torch.compile(model) if cfg.train.compile else model
+        self.amp_dtype = amp_dtype
         self.autocast, self.scaler = mixed_precision(device, amp_dtype)
         self.n, self.times, self.optim_times = 0, [], []
 
@@ -118,11 +131,14 @@ class Trainer:
         return step_loss
 
 
-def peak_memory(device) -> tuple[int, str]:
+def peak_memory(device) -> dict:
+    """Peak bytes: on CUDA what tensors held (allocated) and what the caching allocator took from the GPU
+    (reserved, what nvidia-smi shows); elsewhere the process's peak RSS."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+        return {"allocated": torch.cuda.max_memory_allocated(device),
+                "reserved": torch.cuda.max_memory_reserved(device)}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return (rss if sys.platform == "darwin" else rss * 1024), "peak RSS of the process (getrusage), whole process"
+    return {"rss": rss if sys.platform == "darwin" else rss * 1024}
 
 
 def cpu_busy(seconds=1.0) -> float | None:
@@ -148,13 +164,12 @@ def main(argv=None) -> dict:
     try:
         cfg = load_config(args.config, overrides)
         device = resolve_device(cfg.train.device)
-        amp_dtype = resolve_dtype(cfg.train.dtype, device)
+        dtypes = ([torch.float32, resolve_precision("bfloat16", device).dtype] if args.compare_dtype
+                  else [resolve_precision(cfg.train.dtype, device).dtype])
     except UserError as e:
         sys.exit(f"error: {e}")
     m, t, preset = cfg.model, cfg.train, Path(args.config).stem
-    peak, peak_source = peak_tflops(args, device)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # as loop.py does
+    configure_device(device)  # as loop.py does: denormals flushed on CPU, TF32 on CUDA
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(t.seed)
@@ -163,19 +178,23 @@ def main(argv=None) -> dict:
     batches = [Batch(x, x.clone()) for x in inputs]  # labels are a copy of the inputs, as in PackedRows
 
     base = MiniMind(m).to(device)
-    models = [base, copy.deepcopy(base)] if args.compare_optimizer else [base]
-    impls = ["fused", "foreach"] if args.compare_optimizer else [None]
-    trainers = [Trainer(model, *make_optimizer(model, cfg, device.type, impl), cfg, device, amp_dtype, batches)
-                for model, impl in zip(models, impls)]
+    compare = args.compare_optimizer or args.compare_dtype
+    models = [base, copy.deepcopy(base)] if compare else [base]
+    impls = ["fused", "foreach"] if args.compare_optimizer else [None] * len(models)
+    dtypes = dtypes * len(models) if len(dtypes) == 1 else dtypes
+    trainers = []
+    for model, impl, amp_dtype in zip(models, impls, dtypes):
+        optimizer, optimizer_name = make_optimizer(model, cfg, device.type, impl)
+        trainers.append(Trainer(model, optimizer, optimizer_name, cfg, device, amp_dtype, batches))
     n_params = base.num_parameters()
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
     token_flops = flops_per_token(m, n_params, t.seq_len)
-    dtype_name = str(amp_dtype).replace("torch.", "")
-    print(f"{preset}: {n_params / 1e6:.2f}M parameters on {device} ({dtype_name}, torch {torch.__version__}, "
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
+    print(f"{preset}: {n_params / 1e6:.2f}M parameters on {device} ({hardware}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads{', compiled' if t.compile else ''}); batch {t.batch_size} x seq "
           f"{t.seq_len} x accum {t.grad_accum} = {tokens_per_step:,} tokens/step")
     print(f"{FLOPS_FORMULA} = 6*{n_params:,} + 12*{m.num_hidden_layers}*{m.num_attention_heads}*{m.head_dim}*"
-          f"{t.seq_len} = {token_flops / 1e6:.1f} MFLOP; peak: {peak_source}")
+          f"{t.seq_len} = {token_flops / 1e6:.1f} MFLOP")
 
     busy = cpu_busy()
     if busy is not None and busy > 0.2:
@@ -183,40 +202,46 @@ def main(argv=None) -> dict:
     for trainer in trainers:
         for _ in range(args.warmup):
             trainer.step(timed=False)
-    block = args.block if args.compare_optimizer else args.steps
+    block = args.block if compare else args.steps
     while any(len(tr.times) < args.steps for tr in trainers):  # A/B blocks in turn
         for trainer in trainers:
             for _ in range(min(block, args.steps - len(trainer.times))):
                 loss = trainer.step()
-    mem, mem_kind = peak_memory(device)
+    mem = peak_memory(device)
 
     runs = []
     for tr in trainers:
         tokens_per_s = tokens_per_step / statistics.median(tr.times)
-        runs.append({"optimizer": tr.name, "median_s": statistics.median(tr.times), "min_s": min(tr.times),
+        peak, peak_source = peak_tflops(args, device, tr.amp_dtype)
+        runs.append({"optimizer": tr.name, "dtype": str(tr.amp_dtype).removeprefix("torch."),
+                     "median_s": statistics.median(tr.times), "min_s": min(tr.times),
                      "max_s": max(tr.times), "tokens_per_s": tokens_per_s,
                      "optimizer_median_ms": 1e3 * statistics.median(tr.optim_times),
-                     "achieved_tflops": tokens_per_s * token_flops / 1e12,
-                     "mfu": tokens_per_s * token_flops / (peak * 1e12) if peak else None,
+                     "achieved_tflops": tokens_per_s * token_flops / 1e12, "peak_tflops": peak,
+                     "peak_source": peak_source, "mfu": tokens_per_s * token_flops / (peak * 1e12) if peak else None,
                      "step_times_s": tr.times, "optimizer_times_s": tr.optim_times})
-    shared = " (both models, one process)" if args.compare_optimizer else ""
+    shared = " (both models, one process)" if compare else ""
+    mem_text = (f"allocated {mem['allocated'] / 2**20:,.0f} MiB, reserved {mem['reserved'] / 2**20:,.0f} MiB"
+                if "allocated" in mem else f"process RSS {mem['rss'] / 2**20:,.0f} MiB")
     print(f"\nlast loss {loss:.3f}; CPU busy before start {'n/a' if busy is None else f'{100 * busy:.0f}%'}; "
-          f"peak memory = {mem_kind}{shared}\n")
+          f"peak memory{shared}: {mem_text}; MFU peak: {runs[-1]['peak_source']}\n")
     print("| preset | device | dtype | AdamW | params | tokens/step | median s (min-max) | tokens/s | optim step ms "
-          "| peak mem | TFLOP/s | MFU |\n" + "|---" * 12 + "|")
+          "| TFLOP/s | MFU |\n" + "|---" * 11 + "|")
     for r in runs:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"| {preset} | {device} | {dtype_name} | {r['optimizer']} | {n_params / 1e6:.2f}M | {tokens_per_step:,} "
+        print(f"| {preset} | {device} | {r['dtype']} | {r['optimizer']} | {n_params / 1e6:.2f}M | {tokens_per_step:,} "
               f"| {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['tokens_per_s']:,.0f} "
-              f"| {r['optimizer_median_ms']:.1f} | {mem / 2**20:,.0f} MiB | {r['achieved_tflops']:.3f} | {mfu} |")
+              f"| {r['optimizer_median_ms']:.1f} | {r['achieved_tflops']:.3f} | {mfu} |")
+    if args.compare_dtype:
+        print(f"\nbfloat16 / float32 tokens/s: {runs[1]['tokens_per_s'] / runs[0]['tokens_per_s']:.2f}x")
 
     result = {"preset": preset, "config": args.config, "overrides": args.set, "device": str(device),
-              "dtype": dtype_name, "compile": t.compile, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "batch_size": t.batch_size, "seq_len": t.seq_len, "grad_accum": t.grad_accum, "steps": args.steps,
-              "warmup": args.warmup, "interleaved_block": block if args.compare_optimizer else None,
-              "parameters": n_params, "tokens_per_step": tokens_per_step, "flops_formula": FLOPS_FORMULA,
-              "flops_per_token": token_flops, "peak_tflops": peak, "peak_source": peak_source,
-              "peak_memory_bytes": mem, "peak_memory_kind": mem_kind, "cpu_busy_before": busy, "runs": runs}
+              "hardware": hardware, "compile": t.compile, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "batch_size": t.batch_size, "seq_len": t.seq_len,
+              "grad_accum": t.grad_accum, "steps": args.steps, "warmup": args.warmup,
+              "interleaved_block": block if compare else None, "parameters": n_params,
+              "tokens_per_step": tokens_per_step, "flops_formula": FLOPS_FORMULA, "flops_per_token": token_flops,
+              "peak_memory_bytes": mem, "cpu_busy_before": busy, "runs": runs}
     out = args.json or Path("benchmarks/results") / f"throughput-{preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

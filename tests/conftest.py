@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from minipretrain.config import ModelConfig, load_config
 
@@ -8,6 +9,21 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 TINY_MODEL = ["model.vocab_size=320", "model.hidden_size=32", "model.num_hidden_layers=2",
               "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.max_position_embeddings=128"]
+
+
+# Devices a test body runs on: the CPU in every run, CUDA marked `cuda` (skipped without a GPU; on a GPU machine
+# `pytest -m cuda` runs only these).
+CUDA = pytest.param("cuda", marks=pytest.mark.cuda)
+DEVICES = ["cpu", CUDA]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 def tiny_model_config(**overrides) -> ModelConfig:
@@ -21,7 +37,7 @@ def tiny_config(*overrides: str):
     """A whole training config for CPU tests: a 2-layer model, short rows, a few steps."""
     base = TINY_MODEL + ["train.batch_size=4", "train.seq_len=32", "train.max_steps=6", "train.eval_every=0",
                          "train.eval_batches=2", "train.save_every=0", "train.sample_tokens=8", "train.device=cpu",
-                         "optim.lr=3e-3", "optim.warmup_steps=2", "data.val_fraction=0.05",
+                         "train.dtype=float32", "optim.lr=3e-3", "optim.warmup_steps=2", "data.val_fraction=0.05",
                          "data.prepare_workers=1"]
     return load_config(None, base + list(overrides))
 

@@ -306,10 +306,14 @@ def test_parallel_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="float16.*bfloat16"):  # fp16 needs a scaler FSDP does not use here
         parallelize(MiniMind(tiny_config().model), World(size=2, dp_size=2), tiny_config("parallel.mode=fsdp").parallel,
                     torch.float16)
-    with pytest.raises(ConfigError, match="cpu_offload.*needs train.device=cuda"):
-        fsdp_options(tiny_config("parallel.cpu_offload=true").parallel, torch.float32, torch.device("cpu"))
-    options = fsdp_options(tiny_config("parallel.reshard_after_forward=false").parallel, torch.bfloat16,
-                           torch.device("cpu"))
+    for size in ("1", "2"):  # one process offloading, or several: refused before any process group is joined
+        monkeypatch.setenv("WORLD_SIZE", size)
+        with pytest.raises(ConfigError, match="cpu_offload.*needs train.device=cuda"):
+            init_distributed(tiny_config("parallel.mode=fsdp", "parallel.cpu_offload=true").parallel, "cpu")
+        assert not torch.distributed.is_initialized()
+    with pytest.raises(ConfigError, match="parallel.cpu_offload: offloads FSDP shards: it needs parallel.mode=fsdp"):
+        tiny_config("parallel.cpu_offload=true")
+    options = fsdp_options(tiny_config("parallel.reshard_after_forward=false").parallel, torch.bfloat16)
     assert options["reshard_after_forward"] is False  # ZeRO-2-like: parameters stay gathered until backward
     assert options["mp_policy"].param_dtype == torch.bfloat16 and options["mp_policy"].reduce_dtype == torch.float32
     assert World().is_main and not World().distributed

@@ -237,10 +237,12 @@ def test_document_mask_is_causal_within_each_document_only():
 
 def test_attention_backend_selection(monkeypatch):
     import minipretrain.model as model_module
-    assert model_module.attention_backend("cpu") == "sdpa"
-    assert model_module.attention_backend("cuda") == ("flex" if model_module.flex_attention else "sdpa")
+    assert model_module.attention_backend("cpu", 64) == "sdpa"
+    assert model_module.attention_backend("cuda", 64) == ("flex" if model_module.flex_attention else "sdpa")
+    assert model_module.attention_backend("cuda", 8) == "sdpa"  # flex's GPU kernels need heads >= 16 wide
+    assert MiniMind(tiny_model_config()).attention_backend_for("cuda") == "sdpa"  # head_dim 8
     monkeypatch.setattr(model_module, "flex_attention", None)
-    assert model_module.attention_backend("cuda") == "sdpa"
+    assert model_module.attention_backend("cuda", 64) == "sdpa"
     m = MiniMind(tiny_model_config(dropout=0.1))
     m.attn_backend = "flex"
     assert m.eval().attention_backend_for("cpu") == "flex"

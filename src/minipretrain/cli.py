@@ -42,19 +42,32 @@ def cmd_tokenizer_train(args) -> None:
     print(f"saved a {tokenizer.vocab_size}-token tokenizer (fingerprint {tokenizer.fingerprint}) to {args.out}")
 
 
+def _inference_device(args):
+    """The device and autocast context of `generate` and `eval`: --dtype resolved as training resolves
+    train.dtype (bf16 autocast on GPUs and on CPUs with native bf16), TF32 for float32 matmuls on CUDA."""
+    from minipretrain.parallel import resolve_device
+    from minipretrain.precision import configure_device, mixed_precision, resolve_precision
+
+    device = resolve_device(args.device, key="--device")
+    precision = resolve_precision(args.dtype, device, key="--dtype")
+    configure_device(device)
+    autocast, _ = mixed_precision(device, precision.dtype)
+    return device, autocast
+
+
 def cmd_generate(args) -> None:
     import torch
 
     from minipretrain.generate import complete
     from minipretrain.train.checkpoint import load_model_from_checkpoint
-    from minipretrain.parallel import resolve_device
 
-    device = resolve_device(args.device)
+    device, autocast = _inference_device(args)
     model, tokenizer, _, _ = load_model_from_checkpoint(args.ckpt, str(device))
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
-        text = complete(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                        args.top_p, use_cache=not args.no_cache, generator=generator)
+        with autocast:
+            text = complete(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                            args.top_p, use_cache=not args.no_cache, generator=generator, device=device)
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         print(text)
@@ -90,9 +103,8 @@ def cmd_eval(args) -> None:
     from minipretrain.data.shards import PrepareOptions, PreparedData, is_prepared, prepare
     from minipretrain.evaluate import evaluate, token_byte_lengths
     from minipretrain.train.checkpoint import load_model_from_checkpoint
-    from minipretrain.parallel import resolve_device
 
-    device = resolve_device(args.device)
+    device, autocast = _inference_device(args)
     model, tokenizer, cfg, ckpt = load_model_from_checkpoint(args.ckpt, str(device))
     seq_len = args.seq_len or cfg.train.seq_len
     if seq_len > cfg.model.max_position_embeddings:
@@ -110,7 +122,8 @@ def cmd_eval(args) -> None:
             raise UserError(f"{args.data} has no documents in its {split} split")
         rows = make_rows(stream, "packed", seq_len, tokenizer, cfg.data.document_mask, for_eval=True)
         token_bytes = token_byte_lengths(tokenizer, cfg.model.vocab_size)
-        result = evaluate(model, rows, args.batch_size, token_bytes, device=str(device), show_progress=not args.json)
+        result = evaluate(model, rows, args.batch_size, token_bytes, device=str(device), autocast=autocast,
+                          show_progress=not args.json)
     result.update(checkpoint=str(ckpt), data=args.data, split=split, documents=stream.num_documents, seq_len=seq_len)
     if args.json:
         print(json.dumps(result))
@@ -126,6 +139,11 @@ def cmd_checkpoint_consolidate(args) -> None:
 
     target = consolidate(args.ckpt, args.out)
     print(f"wrote {target / 'model.safetensors'} (checksums in {target / 'meta.json'})")
+
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_HELP = ("autocast dtype, resolved like train.dtype (auto: bf16 on GPUs and on CPUs with native bf16, else "
+              "float32; float16 on CUDA only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each token (for checking)")
     p.set_defaults(func=cmd_generate)
 
@@ -204,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--text-field", default="text")
     p.add_argument("--skip-bad-lines", action="store_true")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
     return parser

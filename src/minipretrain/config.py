@@ -117,7 +117,8 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bf16 on CUDA when supported, else fp32) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bf16 on GPUs and on CPUs with native bf16) | float32 | bfloat16 | float16 (CUDA)
+    deterministic: bool = False  # deterministic kernels only (torch.use_deterministic_algorithms): bitwise resume on GPUs
     compile: bool = False
     log_every: int = 1
     eval_every: int = 100  # 0: only at the end
@@ -321,6 +322,8 @@ def validate(cfg: Config) -> None:
     _require(p.mode in ("ddp", "fsdp"), "parallel.mode", f"unknown mode {p.mode!r} (ddp or fsdp)")
     _require(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", f"unknown backend {p.backend!r} (auto, nccl or gloo)")
     _require(p.timeout_s > 0, "parallel.timeout_s", f"must be positive, got {p.timeout_s}")
+    _require(not p.cpu_offload or p.mode == "fsdp", "parallel.cpu_offload",
+             "offloads FSDP shards: it needs parallel.mode=fsdp")
     _require(p.tensor_parallel >= 1, "parallel.tensor_parallel", f"must be >= 1, got {p.tensor_parallel}")
     for key, value in (("model.num_key_value_heads", m.num_key_value_heads),
                        ("model.intermediate_size", m.intermediate_size)):

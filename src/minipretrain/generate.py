@@ -30,13 +30,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 @torch.no_grad()
 def generate(model: MiniMind, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.8,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             use_cache: bool = True, generator: torch.Generator | None = None) -> list[int]:
-    """Continue one prompt; returns only the new tokens (without the eos that stopped it)."""
+             use_cache: bool = True, generator: torch.Generator | None = None,
+             device: torch.device | str | None = None) -> list[int]:
+    """Continue one prompt; returns only the new tokens (without the eos that stopped it). `device`: where the
+    model computes (default: where its first parameter lives, which is the CPU when FSDP offloads parameters, so
+    the trainer passes its device)."""
     if not prompt_ids:
         raise ValueError("generate needs at least one prompt token")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     room = model.config.max_position_embeddings - len(prompt_ids)
     if room <= 0:
         raise UserError(f"the prompt's {len(prompt_ids)} tokens leave no room within the model's "
@@ -59,9 +62,9 @@ def generate(model: MiniMind, prompt_ids: list[int], max_new_tokens: int = 64, t
 
 def complete(model: MiniMind, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8,
              top_k: int | None = None, top_p: float | None = 0.95, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> str:
+             generator: torch.Generator | None = None, device: torch.device | str | None = None) -> str:
     """Prompt text -> prompt + continuation. An empty prompt starts a new document (after eos, as in packing)."""
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
     new = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, use_cache,
-                   generator)
+                   generator, device)
     return prompt + tokenizer.decode(new)

@@ -40,7 +40,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # Under autocast q and k arrive in bf16: a float32 weight would force the slow unfused kernel.
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,10 +54,11 @@ def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor,
 
 def apply_rope(x, cos, sin):
     """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim), or (batch, 1, seq, head_dim) for per-row
-    positions."""
+    positions. The tables are cast to x's dtype, so bf16 q/k under autocast stay bf16 (float32 tables would
+    promote them, doubling what backward keeps)."""
     half = x.size(-1) // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def document_runs(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,17 +90,19 @@ def dense_document_mask(run: torch.Tensor) -> torch.Tensor:
     return document_mask_mod(run)(b, 0, i.view(1, 1, seq, 1), i.view(1, 1, 1, seq))
 
 
-def attention_backend(device: torch.device | str) -> str:
+def attention_backend(device: torch.device | str, head_dim: int) -> str:
     """How document-masked attention runs: "flex" (FlexAttention, skips fully masked blocks) on CUDA when it
-    imports, else "sdpa" with a dense boolean mask. FlexAttention on CPU in torch 2.13 runs the forward only
-    (no backward), so CPU always gets "sdpa"."""
-    return "flex" if flex_attention is not None and torch.device(device).type == "cuda" else "sdpa"
+    imports and the heads are at least 16 wide (its GPU kernels' minimum), else "sdpa" with a dense boolean mask.
+    FlexAttention on CPU in torch 2.13 runs the forward only (no backward), so CPU always gets "sdpa"."""
+    usable = flex_attention is not None and torch.device(device).type == "cuda" and head_dim >= 16
+    return "flex" if usable else "sdpa"
 
 
 @functools.cache
-def _compiled_flex_attention():
-    # Eager flex_attention materialises the full score matrix; compiled, it is a fused kernel.
-    return torch.compile(flex_attention)
+def compiled(fn):
+    """`fn` compiled once per process. Eager flex_attention materialises the full score matrix, and eager
+    create_block_mask builds batch x seq x seq tensors on every call; compiled, both are fused kernels."""
+    return torch.compile(fn)
 
 
 class KVCache:
@@ -150,7 +154,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if doc_mask is not None and not torch.is_tensor(doc_mask):  # a BlockMask (never with a cache)
-            flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+            flex = compiled(flex_attention) if q.is_cuda else flex_attention
             y = flex(q, k, v, block_mask=doc_mask, enable_gqa=n_kv_heads != n_heads)
             return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -166,11 +170,15 @@ class Attention(nn.Module):
             causal = False
         if doc_mask is not None:
             mask, causal = doc_mask, False
-        if n_kv_heads != n_heads:  # grouped-query attention: each kv head serves n_heads / n_kv heads
+        # Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads. Without a mask SDPA's
+        # fused kernels share the kv heads in place; with one, the kernels that take a mask need them repeated.
+        gqa = n_kv_heads != n_heads
+        if gqa and mask is not None:
             repeat = n_heads // n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=gqa and mask is None,
         )
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -203,8 +211,8 @@ class Block(nn.Module):
 
 
 class MiniMind(nn.Module):
-    # Backend for document-masked attention: None picks attention_backend(device); "flex" or "sdpa" forces one
-    # (tests set "flex" to compare the two on CPU).
+    # Backend for document-masked attention: None picks attention_backend(device, head_dim); "flex" or "sdpa"
+    # forces one (tests set "flex" to compare the two on CPU).
     attn_backend: str | None = None
 
     def __init__(self, cfg: ModelConfig):
@@ -231,7 +239,7 @@ class MiniMind(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
     def attention_backend_for(self, device) -> str:
-        backend = self.attn_backend or attention_backend(device)
+        backend = self.attn_backend or attention_backend(device, self.config.head_dim)
         if backend == "flex" and self.training and self.config.dropout > 0:
             return "sdpa"  # FlexAttention has no attention dropout
         return backend
@@ -239,7 +247,8 @@ class MiniMind(nn.Module):
     def _document_mask(self, run: torch.Tensor):
         if self.attention_backend_for(run.device) == "flex":
             batch, seq = run.shape
-            return create_block_mask(document_mask_mod(run), batch, None, seq, seq, device=run.device)
+            build = compiled(create_block_mask) if run.is_cuda else create_block_mask
+            return build(document_mask_mod(run), batch, None, seq, seq, device=run.device)
         return dense_document_mask(run)
 
     def num_parameters(self) -> int:

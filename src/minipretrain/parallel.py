@@ -23,7 +23,8 @@ from minipretrain.config import ParallelConfig
 from minipretrain.errors import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """`train.device` (or the option `key`): auto picks CUDA, then MPS, then the CPU."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -31,9 +32,9 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name}: CUDA is not available on this machine (use auto or cpu)")
+        raise ConfigError(f"{key}={name}: CUDA is not available on this machine (use auto or cpu)")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("train.device=mps: MPS is not available on this machine (use auto or cpu)")
+        raise ConfigError(f"{key}=mps: MPS is not available on this machine (use auto or cpu)")
     return torch.device(name)
 
 
@@ -54,7 +55,8 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """True when a process group is joined: several processes, or one that shards (FSDP with CPU offload)."""
+        return self.size > 1 or self.mesh is not None
 
     def barrier(self) -> None:
         if self.distributed:
@@ -77,7 +79,7 @@ class World:
         return box[0]
 
     def close(self) -> None:
-        if self.distributed and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -86,15 +88,28 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def process_group_backend(cfg: ParallelConfig, device: torch.device) -> str:
+    """nccl on CUDA, gloo on CPU. With CPU offload, gradients (and so the gradient norm's all-reduce) live on the
+    CPU, which nccl cannot reduce: CUDA tensors then go over nccl and CPU tensors over gloo."""
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if cfg.cpu_offload and device.type == "cuda" and backend == "nccl":
+        return "cuda:nccl,cpu:gloo"
+    return backend
+
+
 def init_distributed(cfg: ParallelConfig, device_name: str) -> World:
     """Join the process group torchrun set up (nccl on CUDA, gloo on CPU) and build the ("dp", "tp") mesh;
-    without torchrun, a one-process World on the configured device."""
+    without torchrun, a one-process World on the configured device (with a one-process group when FSDP offloads
+    to the CPU: that is how a model too big for one GPU trains on it)."""
     size = launched_world_size()
     if size == 1:
         if cfg.tensor_parallel > 1:
             raise ConfigError(f"parallel.tensor_parallel={cfg.tensor_parallel} needs that many processes: launch "
                               f"with torchrun --nproc_per_node {cfg.tensor_parallel}")
-        return World(device=resolve_device(device_name))
+        device = resolve_device(device_name)
+        if not cfg.cpu_offload:
+            return World(device=device)
+        return _join(cfg, device, rank=0, size=1, store=dist.HashStore())  # an in-process store: no rendezvous
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if size % cfg.tensor_parallel:
         raise ConfigError(f"parallel.tensor_parallel={cfg.tensor_parallel} does not divide the {size} processes")
@@ -105,14 +120,22 @@ def init_distributed(cfg: ParallelConfig, device_name: str) -> World:
     device = resolve_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per process
+    return _join(cfg, device, rank, size)
+
+
+def _join(cfg: ParallelConfig, device: torch.device, rank: int, size: int, store=None) -> World:
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"train.device={device.type}: distributed training runs on CUDA or CPU")
+    if cfg.cpu_offload and device.type != "cuda":
+        raise ConfigError("parallel.cpu_offload offloads GPU memory to the CPU: it needs train.device=cuda")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise ConfigError(f"train.device={device_name}: distributed training runs on CUDA or CPU, not {device.type}")
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s),
+    dist.init_process_group(process_group_backend(cfg, device), store=store, rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=cfg.timeout_s),
                             device_id=device if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
 
+    dp_size = size // cfg.tensor_parallel
     mesh = init_device_mesh(device.type, (dp_size, cfg.tensor_parallel), mesh_dim_names=("dp", "tp"))
     return World(rank, size, mesh["dp"].get_local_rank(), dp_size, cfg.tensor_parallel, device, mesh)
 
@@ -127,13 +150,11 @@ def _tensor_parallel_plan():
             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
 
 
-def fsdp_options(cfg: ParallelConfig, amp_dtype: torch.dtype, device: torch.device) -> dict:
+def fsdp_options(cfg: ParallelConfig, amp_dtype: torch.dtype) -> dict:
     """fully_shard keyword arguments: low-precision compute with fp32 master weights and fp32 gradient reduction
     when training in bf16, ZeRO-2-like when parameters stay gathered, optional CPU offload."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-    if cfg.cpu_offload and device.type != "cuda":
-        raise ConfigError("parallel.cpu_offload offloads GPU memory to the CPU: it needs train.device=cuda")
     options = {"reshard_after_forward": cfg.reshard_after_forward}
     if amp_dtype != torch.float32:
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32)
@@ -155,15 +176,15 @@ def parallelize(model: torch.nn.Module, world: World, cfg: ParallelConfig, amp_d
 
         for block in model.layers:
             parallelize_module(block, world.mesh["tp"], _tensor_parallel_plan())
-    if world.dp_size == 1:
-        return model
-    if cfg.mode == "fsdp":
+    if cfg.mode == "fsdp" and (world.dp_size > 1 or cfg.cpu_offload):
         from torch.distributed.fsdp import fully_shard
 
-        options = fsdp_options(cfg, amp_dtype, world.device)
+        options = fsdp_options(cfg, amp_dtype)
         for block in model.layers:  # one all-gather per block, overlapped with the previous block's compute
             fully_shard(block, mesh=world.mesh["dp"], **options)
         fully_shard(model, mesh=world.mesh["dp"], **options)  # embedding, final norm, tied head
+        return model
+    if world.dp_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 

@@ -55,23 +55,27 @@ DCP_DIR = "dcp"
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
-def capture_rng() -> dict:
+def capture_rng(device: torch.device) -> dict:
+    """Python, NumPy and torch CPU generators, plus the training GPU's when training on CUDA (only then: asking
+    for it would open a CUDA context on a GPU machine that trains on the CPU)."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's GPU only
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def restore_rng(state: dict) -> None:
+def restore_rng(state: dict, device: torch.device) -> None:
+    """The reverse of capture_rng; a GPU state is restored only when training on CUDA again (a checkpoint moved
+    between CPU and GPU resumes with the GPU's dropout masks re-seeded)."""
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def model_config_json(cfg: ModelConfig) -> dict:
@@ -89,7 +93,7 @@ def save_checkpoint(run_dir: Path, step: int, model: MiniMind, optimizer: torch.
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     world.barrier()
-    torch.save(capture_rng(), tmp / f"rng_{world.rank:05d}.pt")
+    torch.save(capture_rng(world.device), tmp / f"rng_{world.rank:05d}.pt")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / DCP_DIR,
              no_dist=not world.distributed)
@@ -223,7 +227,7 @@ def restore_rng_of_rank(ckpt: Path, world: World = World()) -> bool:
     files = sorted(ckpt.glob("rng_*.pt"))
     if len(files) != world.size:
         return False
-    restore_rng(_load_tensors(files[world.rank]))
+    restore_rng(_load_tensors(files[world.rank]), world.device)
     return True
 
 
@@ -296,8 +300,12 @@ class _SafeReader(FileSystemReader):
 
 
 def _dcp_load(state: dict, ckpt: Path, world: World = World()) -> None:
+    reader = _SafeReader(ckpt / DCP_DIR)
+    # Read (and so vet) the index before DCP does: inside dcp.load, torch 2.11 turns the refusal into
+    # "AssertionError: metadata is None" instead of our one-line error.
+    reader.read_metadata()
     try:
-        dcp.load(state, storage_reader=_SafeReader(ckpt / DCP_DIR), no_dist=not world.distributed)
+        dcp.load(state, storage_reader=reader, no_dist=not world.distributed)
     except CheckpointException as e:  # DCP gathers every rank's failure into one exception
         causes = sorted({str(failure[0]).splitlines()[0] for failure in e.failures.values()})
         raise CheckpointError(f"{ckpt / DCP_DIR} cannot be loaded: {'; '.join(causes)}") from None

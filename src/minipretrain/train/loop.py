@@ -15,7 +15,6 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.generate import complete
 from minipretrain.model import MiniMind
 from minipretrain.parallel import World, clip_grad_norm, gradient_sync, init_distributed, parallelize
+from minipretrain.precision import configure_device, load_scaler_state, mixed_precision, resolve_precision
 from minipretrain.tokenizer import Tokenizer
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.metrics import MetricsLog
@@ -42,24 +42,6 @@ RUN_FILES = ("metrics.jsonl", "samples.txt", "summary.json", "config.toml", "tok
 
 def log(message: str) -> None:
     tqdm.write(message)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 autocast on CUDA where supported (fp16 with loss scaling otherwise); fp32 elsewhere."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    if dtype != torch.float32 and device.type != "cuda":
-        raise ConfigError(f"train.dtype={name}: mixed precision needs a CUDA device; {device.type} trains in float32")
-    return dtype
-
-
-def mixed_precision(device: torch.device, amp_dtype: torch.dtype):
-    """The autocast context for forward passes and the loss scaler (active for fp16 only)."""
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()
-    return autocast, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
 
 def seed_everything(seed: int) -> None:
@@ -173,9 +155,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     device = world.device
-    amp_dtype = resolve_dtype(t.dtype, device)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # denormals in Adam's state can make CPU steps several times slower
+    precision = resolve_precision(t.dtype, device)
+    amp_dtype = precision.dtype
+    configure_device(device, t.deterministic)
     seed_everything(t.seed)  # the same initial weights on every rank
 
     data = _load_data(cfg, run_dir, Tokenizer.load(ckpt) if ckpt else None, show_progress, say, world)
@@ -190,7 +172,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     layout = (f"; {world.size} processes, {cfg.parallel.mode if world.dp_size > 1 else 'no'} data parallel x "
               f"{world.dp_size}, tensor parallel x {world.tp_size}" if world.distributed else "")
     say(f"model: {model.num_parameters() / 1e6:.2f}M parameters on {device.type} "
-        f"({str(amp_dtype).replace('torch.', '')}){layout}")
+        f"({precision.name}; {precision.reason}){layout}")
     optimizer = build_optimizer(model, cfg.optim, device.type)
     autocast, scaler = mixed_precision(device, amp_dtype)
     token_bytes = token_byte_lengths(tokenizer, cfg.model.vocab_size)
@@ -198,7 +180,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     step, tokens, elapsed_before = 0, 0, 0.0
     if state is not None:
         ckpt_io.load_weights_and_optimizer(ckpt, model, optimizer, world)
-        scaler.load_state_dict(state["scaler"])
+        load_scaler_state(scaler, state["scaler"])
         batches.load_state_dict(state["data"])
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
         if not ckpt_io.restore_rng_of_rank(ckpt, world):
@@ -241,7 +223,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
 
     def sample():
         generator = torch.Generator(device=device).manual_seed(t.seed)  # never touches the training RNG
-        text = complete(model, tokenizer, t.sample_prompt, t.sample_tokens, generator=generator)
+        with autocast:
+            text = complete(model, tokenizer, t.sample_prompt, t.sample_tokens, generator=generator, device=device)
         if main:
             with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
                 f.write(f"--- step {step}\n{text}\n")
@@ -304,8 +287,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
 
     if val_sets:
         last_val = validate()
+    final_ckpt = save()  # before sampling: a failure while sampling must not cost the final checkpoint
     sample_text = sample()
-    final_ckpt = save()
     total_time = elapsed()
     summary = {
         "steps": step, "tokens": tokens, "elapsed_s": round(total_time, 1),

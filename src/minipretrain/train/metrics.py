@@ -6,8 +6,24 @@ import json
 import os
 from pathlib import Path
 
+import torch
 
 FLOPS_FORMULA = "FLOPs/token = 6*N + 12*L*H*Q*T"
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from NVIDIA's data sheets: (name fragment, bf16/fp16, TF32).
+# float32 runs use the TF32 peak: the trainer enables TF32 for float32 matmuls on CUDA. The first fragment found
+# in the device name wins, so the specific names (NVL, PCIe) come before the generic ones.
+GPU_PEAK_TFLOPS = (("H100 NVL", 835.0, 417.5), ("H200 NVL", 835.0, 417.5), ("H100 PCIe", 756.0, 378.0),
+                   ("H100", 989.0, 494.5), ("H200", 989.0, 494.5), ("A100", 312.0, 156.0))
+
+
+def gpu_peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The dense peak of a GPU (as torch.cuda.get_device_name names it) for a run in `dtype`, or None for a GPU
+    not in the table."""
+    for fragment, half_precision, tf32 in GPU_PEAK_TFLOPS:
+        if fragment in device_name:
+            return tf32 if dtype == torch.float32 else half_precision
+    return None
 
 
 def flops_per_token(cfg, num_parameters: int, seq_len: int) -> int:
