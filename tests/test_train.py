@@ -220,6 +220,33 @@ def test_cli_generate_and_eval(tmp_path, shakespeare, tokenizer_dir, capsys):
     assert_cli_errors(bad_calls, capsys)
 
 
+def test_cli_refuses_bad_flags_before_any_work(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-run")  # the flag error comes first: nothing is loaded
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    generate = ["generate", "--ckpt", missing, "--device", "cpu"]
+    evaluate = ["eval", "--ckpt", missing, "--data", missing, "--device", "cpu"]
+    assert_cli_errors({
+        "--temperature must be >= 0": [*generate, "--temperature", "-0.5"],
+        "--top-p must be in (0, 1]": [*generate, "--top-p", "1.5"],
+        "--top-p must be in (0, 1] (1 = no cut), got 0.0": [*generate, "--top-p", "0"],
+        "--top-k must be at least 1": [*generate, "--top-k", "0"],
+        "--max-new-tokens must be at least 1": [*generate, "--max-new-tokens", "0"],
+        "--num-samples must be at least 1": [*generate, "--num-samples", "0"],
+        "--device=tpu: unknown device (auto, cpu, cuda, cuda:N or mps)": ["generate", "--ckpt", missing, "--device", "tpu"],
+        "--device=cpu:1: unknown device": [*evaluate[:-2], "--device", "cpu:1"],
+        "--batch-size must be at least 1": [*evaluate, "--batch-size", "0"],
+        "--seq-len must be at least 2": [*evaluate, "--seq-len", "1"],
+        f"--run-dir {a_file} is a file": ["train", "--run-dir", str(a_file), "--config", "configs/tiny.toml"],
+    }, capsys)
+    for writes_a_directory in (["tokenizer", "train", "--data", "builtin:python-docs"],
+                               ["data", "prepare", "--data", missing, "--tokenizer", missing],
+                               ["checkpoint", "consolidate", missing]):
+        assert_cli_errors({f"--out {a_file} is a file: give a directory": [*writes_a_directory, "--out", str(a_file)]},
+                          capsys)
+    assert a_file.read_text() == "x"
+
+
 def test_separate_validation_file(tmp_path, shakespeare, tokenizer_dir):
     val = tmp_path / "val.jsonl"
     val.write_text("\n".join(json.dumps({"text": t}) for t in ["To be, or not to be.", "A horse! a horse!"]) + "\n")

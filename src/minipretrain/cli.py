@@ -13,10 +13,23 @@ from minipretrain import __version__
 from minipretrain.errors import ConfigError, UserError
 
 
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _output_dir(path: str, flag: str) -> Path:
+    """A directory the command writes: refused before any work when the path is an existing file."""
+    directory = Path(path)
+    _require(not directory.exists() or directory.is_dir(), f"{flag} {path} is a file: give a directory")
+    return directory
+
+
 def cmd_train(args) -> None:
     from minipretrain.config import load_config
     from minipretrain.train.loop import train
 
+    _output_dir(args.run_dir, "--run-dir")
     config_path = args.config
     if config_path is None and args.resume:
         config_path = Path(args.run_dir) / "config.toml"
@@ -32,6 +45,7 @@ def cmd_tokenizer_train(args) -> None:
     from minipretrain.data.sources import ReadStats, iter_documents
     from minipretrain.tokenizer import train_tokenizer
 
+    _output_dir(args.out, "--out")
     stats = ReadStats()
     texts = chain.from_iterable(iter_documents(p, args.text_field, args.skip_bad_lines, stats) for p in args.data)
     tokenizer = train_tokenizer(texts, args.vocab_size, show_progress=not args.no_progress)
@@ -61,6 +75,11 @@ def cmd_generate(args) -> None:
     from minipretrain.generate import complete
     from minipretrain.train.checkpoint import load_model_from_checkpoint
 
+    _require(args.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    _require(args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    _require(args.top_k is None or args.top_k >= 1, f"--top-k must be at least 1, got {args.top_k}")
+    _require(0 < args.top_p <= 1, f"--top-p must be in (0, 1] (1 = no cut), got {args.top_p}")
+    _require(args.num_samples >= 1, f"--num-samples must be at least 1, got {args.num_samples}")
     device, autocast = _inference_device(args)
     model, tokenizer, _, _ = load_model_from_checkpoint(args.ckpt, str(device))
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -77,6 +96,7 @@ def cmd_data_prepare(args) -> None:
     from minipretrain.data.shards import PrepareOptions, default_workers, prepare
     from minipretrain.tokenizer import Tokenizer
 
+    _output_dir(args.out, "--out")
     tokenizer = Tokenizer.load(args.tokenizer)
     options = PrepareOptions(args.text_field, args.skip_bad_lines, args.val_fraction, args.shard_tokens,
                              default_workers() if args.workers is None else args.workers)
@@ -104,6 +124,8 @@ def cmd_eval(args) -> None:
     from minipretrain.evaluate import evaluate, token_byte_lengths
     from minipretrain.train.checkpoint import load_model_from_checkpoint
 
+    _require(args.batch_size >= 1, f"--batch-size must be at least 1, got {args.batch_size}")
+    _require(args.seq_len is None or args.seq_len >= 2, f"--seq-len must be at least 2, got {args.seq_len}")
     device, autocast = _inference_device(args)
     model, tokenizer, cfg, ckpt = load_model_from_checkpoint(args.ckpt, str(device))
     seq_len = args.seq_len or cfg.train.seq_len
@@ -137,6 +159,8 @@ def cmd_eval(args) -> None:
 def cmd_checkpoint_consolidate(args) -> None:
     from minipretrain.train.checkpoint import consolidate
 
+    if args.out is not None:
+        _output_dir(args.out, "--out")
     target = consolidate(args.ckpt, args.out)
     print(f"wrote {target / 'model.safetensors'} (checksums in {target / 'meta.json'})")
 

@@ -25,6 +25,9 @@ from minipretrain.errors import ConfigError
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
     """`train.device` (or the option `key`): auto picks CUDA, then MPS, then the CPU."""
+    kind, _, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"{key}={name}: unknown device (auto, cpu, cuda, cuda:N or mps)")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -33,6 +36,9 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{key}={name}: CUDA is not available on this machine (use auto or cpu)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={name}: this machine has {torch.cuda.device_count()} CUDA devices (0 to "
+                          f"{torch.cuda.device_count() - 1})")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(f"{key}=mps: MPS is not available on this machine (use auto or cpu)")
     return torch.device(name)
