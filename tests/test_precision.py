@@ -63,6 +63,17 @@ def test_start_up_line_names_the_dtype_and_why(tmp_path, shakespeare, tokenizer_
     assert "parameters on cpu (bfloat16; train.dtype=bfloat16)" in capsys.readouterr().out
 
 
+def test_refused_dtype_leaves_an_existing_run_alone(tmp_path, shakespeare, tokenizer_dir):
+    cfg = tiny_config(*_data(shakespeare, tokenizer_dir), "train.max_steps=2")
+    train(cfg, tmp_path / "run", show_progress=False)
+    before = (tmp_path / "run" / "latest").read_text()
+    cfg.train.dtype = "float16"
+    with pytest.raises(ConfigError, match="train.dtype=float16 needs a CUDA device"):
+        train(cfg, tmp_path / "run", overwrite=True, show_progress=False)
+    assert (tmp_path / "run" / "latest").read_text() == before  # refused before --overwrite deleted anything
+    ckpt_io.verify_checkpoint(ckpt_io.resolve_checkpoint(tmp_path / "run"))
+
+
 @pytest.mark.parametrize("layout", ["packed", "padded", "document_mask"])
 def test_bf16_training_lowers_the_loss_and_stays_near_float32(tmp_path, shakespeare, tokenizer_dir, layout):
     options = {"packed": [], "padded": ["data.layout=padded"], "document_mask": ["data.document_mask=true"]}[layout]

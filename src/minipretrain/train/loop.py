@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from minipretrain.config import Config, ModelConfig
 from minipretrain.data.dataset import RUN_DATA_DIR, load_run_data
-from minipretrain.errors import CheckpointError, ConfigError, UserError
+from minipretrain.errors import CheckpointError, UserError
 from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.generate import complete
 from minipretrain.model import MiniMind
@@ -147,6 +147,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     t, main = cfg.train, world.is_main
     say = log if main else (lambda message: None)
     show_progress = show_progress and main
+    device = world.device
+    precision = resolve_precision(t.dtype, device)  # before the run directory is touched: a refusal loses nothing
+    amp_dtype = precision.dtype
     ckpt = world.broadcast(_prepare_run_dir(run_dir, resume, overwrite) if main else None)
     state = None
     if ckpt is not None:
@@ -154,9 +157,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
         state = ckpt_io.load_train_state(ckpt)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    device = world.device
-    precision = resolve_precision(t.dtype, device)
-    amp_dtype = precision.dtype
     configure_device(device, t.deterministic)
     seed_everything(t.seed)  # the same initial weights on every rank
 
