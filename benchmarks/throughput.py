@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from minipretrain.config import load_config
+from minipretrain.config import DTYPE_NAMES, load_config
 from minipretrain.data.batches import Batch
 from minipretrain.errors import UserError
 from minipretrain.model import MiniMind
@@ -53,7 +53,7 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=10, help="timed steps (per optimizer with --compare-optimizer)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (per optimizer)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (compiled during warmup)")
     p.add_argument("--peak-tflops", type=float, help="hardware peak for MFU (default: GPU table; CPU: n/a)")
     compare = p.add_mutually_exclusive_group()

@@ -1,3 +1,5 @@
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,14 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_MODEL = ["model.vocab_size=320", "model.hidden_size=32", "model.num_hidden_layers=2",
               "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.max_position_embeddings=128"]
 
+
+# cuBLAS reads this once, at a process's first GPU matmul: set before any test runs one, so the deterministic-resume
+# test works after others (the trainer sets it itself when train.deterministic starts a process).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+# bf16 keeps 8 bits of mantissa: per-step losses of the test model in bf16 stay this close to float32's, and two
+# bf16 runs that differ only in kernels (compiled / eager, FSDP offload / plain) stay this close to each other.
+BF16_TOLERANCE = 0.02
 
 # Devices a test body runs on: the CPU in every run, CUDA marked `cuda` (skipped without a GPU; on a GPU machine
 # `pytest -m cuda` runs only these).
@@ -78,3 +88,15 @@ def assert_cli_errors(bad_calls: dict[str, list[str]], capsys) -> None:
         assert exit_info.value.code == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """{step: training loss} from a run's metrics.jsonl."""
+    from minipretrain.train.metrics import read_metrics
+
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m}
+
+
+def data_overrides(data: Path, tokenizer_dir: Path) -> list[str]:
+    """--set values that train on `data` with a ready tokenizer."""
+    return [f"data.path={json.dumps(str(data))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}"]

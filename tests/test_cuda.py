@@ -13,29 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICES, tiny_config, tiny_model_config
+from conftest import BF16_TOLERANCE, DEVICES, data_overrides, step_losses, tiny_config, tiny_model_config
 from minipretrain.data.batches import Batch
 from minipretrain.generate import generate
 from minipretrain.model import KVCache, MiniMind
 from minipretrain.parallel import World
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.loop import accumulate_gradients, apply_gradients, train
-from minipretrain.train.metrics import gpu_peak_tflops, read_metrics
+from minipretrain.train.metrics import gpu_peak_tflops
 from minipretrain.train.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 # Heads 16 wide: FlexAttention's GPU kernels need at least that (tiny_config's heads are 8 wide).
 WIDE_HEADS = "model.hidden_size=64"
-BF16_TOLERANCE = 0.02  # per-step losses of two bf16 runs that differ only in kernels (compiled / eager, offload)
 FLEX_EAGER_WARNING = "ignore:flex_attention called without torch.compile"
 
 
-def _losses(run_dir) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m}
-
-
-def _data(shakespeare, tokenizer_dir) -> list[str]:
-    return [f"data.path={json.dumps(str(shakespeare))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}"]
 
 
 @pytest.fixture
@@ -60,14 +53,14 @@ def _packed_rows(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_bf16_training_with_document_masks_learns_and_matches_eager(tmp_path, shakespeare, tokenizer_dir,
                                                                              device):
-    common = [*_data(shakespeare, tokenizer_dir), WIDE_HEADS, f"train.device={device}", "train.dtype=bfloat16",
+    common = [*data_overrides(shakespeare, tokenizer_dir), WIDE_HEADS, f"train.device={device}", "train.dtype=bfloat16",
               "data.document_mask=true", "train.max_steps=20", "train.eval_every=0", "data.val_fraction=0.05",
               "train.eval_batches=4"]
     eager = train(tiny_config(*common), tmp_path / "eager", show_progress=False)
     compiled = train(tiny_config(*common, "train.compile=true"), tmp_path / "compiled", show_progress=False)
     assert compiled["final_val_loss"] < compiled["first_val_loss"] - 0.5
     assert compiled["final_val_loss"] == pytest.approx(eager["final_val_loss"], abs=BF16_TOLERANCE)
-    eager_losses, compiled_losses = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
+    eager_losses, compiled_losses = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
     assert eager_losses.keys() == compiled_losses.keys() == set(range(1, 21))
     for step in eager_losses:
         assert compiled_losses[step] == pytest.approx(eager_losses[step], abs=BF16_TOLERANCE), step
@@ -100,7 +93,7 @@ def test_grad_scaler_skips_an_overflow_step_and_halves_the_scale(device):
 
 @pytest.mark.cuda
 def test_fp16_training_with_loss_scaling_lowers_the_loss(tmp_path, shakespeare, tokenizer_dir):
-    summary = train(tiny_config(*_data(shakespeare, tokenizer_dir), "train.device=cuda", "train.dtype=float16",
+    summary = train(tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.device=cuda", "train.dtype=float16",
                                 "train.max_steps=30", "data.val_fraction=0.05", "train.eval_batches=4"),
                     tmp_path / "run", show_progress=False)
     assert summary["final_val_loss"] < summary["first_val_loss"] - 0.5
@@ -109,7 +102,7 @@ def test_fp16_training_with_loss_scaling_lowers_the_loss(tmp_path, shakespeare, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_fused_adamw_is_used_and_matches_foreach(device):
+def test_fused_adamw_is_used_and_matches_foreach(device, full_fp32):
     torch.manual_seed(0)
     model = MiniMind(tiny_model_config()).to(device)
     reference = copy.deepcopy(model)
@@ -174,7 +167,7 @@ def test_kv_cache_generation_matches_recomputing_the_prefix(device, full_fp32):
 
 @pytest.mark.cuda
 def test_checkpoint_saved_on_cuda_resumes_on_cpu_and_back(tmp_path, shakespeare, tokenizer_dir):
-    common = [*_data(shakespeare, tokenizer_dir), "train.dtype=bfloat16", "model.dropout=0.1", "train.save_every=2"]
+    common = [*data_overrides(shakespeare, tokenizer_dir), "train.dtype=bfloat16", "model.dropout=0.1", "train.save_every=2"]
     run = tmp_path / "run"
     train(tiny_config(*common, "train.device=cuda", "train.max_steps=4"), run, show_progress=False)
     saved = ckpt_io.resolve_checkpoint(run)
@@ -183,29 +176,30 @@ def test_checkpoint_saved_on_cuda_resumes_on_cpu_and_back(tmp_path, shakespeare,
     assert all(torch.equal(on_gpu[k].cpu(), on_cpu[k]) for k in on_gpu)
     train(tiny_config(*common, "train.device=cpu", "train.max_steps=6"), run, resume=True, show_progress=False)
     train(tiny_config(*common, "train.device=cuda", "train.max_steps=8"), run, resume=True, show_progress=False)
-    losses = _losses(run)
+    losses = step_losses(run)
     assert sorted(losses) == list(range(1, 9)) and all(math.isfinite(v) for v in losses.values())
     assert losses[8] < losses[1]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_resume_is_exact_with_deterministic_kernels(tmp_path, shakespeare, tokenizer_dir, device):
-    common = [*_data(shakespeare, tokenizer_dir), f"train.device={device}", "train.dtype=bfloat16",
+    common = [*data_overrides(shakespeare, tokenizer_dir), f"train.device={device}", "train.dtype=bfloat16",
               "train.deterministic=true", "model.dropout=0.1", "train.max_steps=8", "train.save_every=4"]
     try:
         train(tiny_config(*common), tmp_path / "reference", show_progress=False)
+        assert torch.are_deterministic_algorithms_enabled()  # the setting reached torch
         halfway = tmp_path / "reference" / "checkpoints" / "step_000004"
         train(tiny_config(*common), tmp_path / "resumed", resume=str(halfway), show_progress=False)
     finally:
         torch.use_deterministic_algorithms(False)
-    reference, resumed = _losses(tmp_path / "reference"), _losses(tmp_path / "resumed")
+    reference, resumed = step_losses(tmp_path / "reference"), step_losses(tmp_path / "resumed")
     assert sorted(resumed) == [5, 6, 7, 8]
     assert resumed == {step: reference[step] for step in resumed}  # bitwise, dropout masks included
 
 
 @pytest.mark.cuda
 def test_fsdp_cpu_offload_trains_on_one_gpu(tmp_path, shakespeare, tokenizer_dir):
-    common = [*_data(shakespeare, tokenizer_dir), "train.device=cuda", "train.dtype=bfloat16", "train.max_steps=6",
+    common = [*data_overrides(shakespeare, tokenizer_dir), "train.device=cuda", "train.dtype=bfloat16", "train.max_steps=6",
               "train.save_every=3"]
     train(tiny_config(*common), tmp_path / "plain", show_progress=False)
     try:
@@ -214,7 +208,7 @@ def test_fsdp_cpu_offload_trains_on_one_gpu(tmp_path, shakespeare, tokenizer_dir
     finally:
         if torch.distributed.is_initialized():  # train() leaves the group only when it succeeds
             torch.distributed.destroy_process_group()
-    plain, offload = _losses(tmp_path / "plain"), _losses(tmp_path / "offload")
+    plain, offload = step_losses(tmp_path / "plain"), step_losses(tmp_path / "offload")
     for step in range(1, 7):
         assert offload[step] == pytest.approx(plain[step], abs=BF16_TOLERANCE), step
     ckpt = ckpt_io.resolve_checkpoint(tmp_path / "offload")

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import assert_cli_errors, tiny_config
+from conftest import BF16_TOLERANCE, assert_cli_errors, tiny_config
 from minipretrain.errors import CheckpointError, ConfigError
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.loop import train
@@ -124,6 +124,23 @@ def test_fsdp_with_tensor_parallel_2d_mesh_equals_one_process(tmp_path, shakespe
     result = torchrun(4, "train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress")
     assert "fsdp data parallel x 2, tensor parallel x 2" in result.stderr + result.stdout
     _assert_same_steps(_steps(tmp_path / "run"), _steps(single_run), range(1, 7))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_bf16_on_two_ranks_stays_near_one_bf16_process(tmp_path, shakespeare, tokenizer_dir, mode):
+    """bf16 autocast under DDP, and FSDP2's MixedPrecisionPolicy (bf16 compute from float32 master weights, float32
+    gradient reduction), on gloo: close to one bf16 process (bf16 rounding differs with the batch split)."""
+    cfg, _ = _config(tmp_path, shakespeare, tokenizer_dir, "train.dtype=bfloat16")
+    train(cfg, tmp_path / "single", show_progress=False)
+    _, config = _config(tmp_path, shakespeare, tokenizer_dir, "train.dtype=bfloat16", "train.batch_size=2",
+                        f"parallel.mode={mode}")
+    result = torchrun(2, "train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress")
+    assert "(bfloat16; train.dtype=bfloat16)" in result.stderr + result.stdout
+    two, one = _steps(tmp_path / "run"), _steps(tmp_path / "single")
+    for step in range(1, 7):
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], abs=BF16_TOLERANCE), step
+        assert two[step]["tokens"] == one[step]["tokens"]
+    assert two[6]["loss"] < two[1]["loss"]
 
 
 def test_checkpoint_saved_on_two_ranks_resumes_on_one(tmp_path, fsdp_run, single_run, shakespeare, tokenizer_dir):

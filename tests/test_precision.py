@@ -6,26 +6,17 @@ import os
 import pytest
 import torch
 
-from conftest import assert_cli_errors, tiny_config, tiny_model_config
+from conftest import BF16_TOLERANCE, assert_cli_errors, data_overrides, step_losses, tiny_config, tiny_model_config
 from minipretrain import precision as precision_module
 from minipretrain.errors import ConfigError
 from minipretrain.model import MiniMind
 from minipretrain.precision import configure_device, load_scaler_state, resolve_precision
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.loop import train
-from minipretrain.train.metrics import read_metrics
 
 CPU = torch.device("cpu")
-# bf16 keeps 8 bits of mantissa: over the first steps of the tiny model its losses stay this close to float32's.
-BF16_LOSS_TOLERANCE = 0.02
 
 
-def _losses(run_dir) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m}
-
-
-def _data(shakespeare, tokenizer_dir):
-    return [f"data.path={json.dumps(str(shakespeare))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}"]
 
 
 def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch):
@@ -58,13 +49,13 @@ def test_native_bf16_detection_agrees_with_torch():
 
 
 def test_start_up_line_names_the_dtype_and_why(tmp_path, shakespeare, tokenizer_dir, capsys):
-    train(tiny_config(*_data(shakespeare, tokenizer_dir), "train.max_steps=1", "train.dtype=bfloat16"),
+    train(tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=1", "train.dtype=bfloat16"),
           tmp_path / "run", show_progress=False)
     assert "parameters on cpu (bfloat16; train.dtype=bfloat16)" in capsys.readouterr().out
 
 
 def test_refused_dtype_leaves_an_existing_run_alone(tmp_path, shakespeare, tokenizer_dir):
-    cfg = tiny_config(*_data(shakespeare, tokenizer_dir), "train.max_steps=2")
+    cfg = tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=2")
     train(cfg, tmp_path / "run", show_progress=False)
     before = (tmp_path / "run" / "latest").read_text()
     cfg.train.dtype = "float16"
@@ -77,16 +68,16 @@ def test_refused_dtype_leaves_an_existing_run_alone(tmp_path, shakespeare, token
 @pytest.mark.parametrize("layout", ["packed", "padded", "document_mask"])
 def test_bf16_training_lowers_the_loss_and_stays_near_float32(tmp_path, shakespeare, tokenizer_dir, layout):
     options = {"packed": [], "padded": ["data.layout=padded"], "document_mask": ["data.document_mask=true"]}[layout]
-    common = [*_data(shakespeare, tokenizer_dir), *options, "train.max_steps=30", "train.eval_every=0",
+    common = [*data_overrides(shakespeare, tokenizer_dir), *options, "train.max_steps=30", "train.eval_every=0",
               "data.val_fraction=0.05", "train.eval_batches=4"]
     runs = {dtype: train(tiny_config(*common, f"train.dtype={dtype}"), tmp_path / dtype, show_progress=False)
             for dtype in ("float32", "bfloat16")}
     bf16 = runs["bfloat16"]
     assert bf16["final_val_loss"] < bf16["first_val_loss"] - 0.5
-    assert bf16["final_val_loss"] == pytest.approx(runs["float32"]["final_val_loss"], abs=BF16_LOSS_TOLERANCE)
-    fp32_losses, bf16_losses = _losses(tmp_path / "float32"), _losses(tmp_path / "bfloat16")
+    assert bf16["final_val_loss"] == pytest.approx(runs["float32"]["final_val_loss"], abs=BF16_TOLERANCE)
+    fp32_losses, bf16_losses = step_losses(tmp_path / "float32"), step_losses(tmp_path / "bfloat16")
     for step in range(1, 11):
-        assert bf16_losses[step] == pytest.approx(fp32_losses[step], abs=BF16_LOSS_TOLERANCE), step
+        assert bf16_losses[step] == pytest.approx(fp32_losses[step], abs=BF16_TOLERANCE), step
     assert bf16_losses != fp32_losses  # autocast really ran in bf16
     assert (tmp_path / "bfloat16" / "samples.txt").read_text().strip()
 
@@ -94,7 +85,7 @@ def test_bf16_training_lowers_the_loss_and_stays_near_float32(tmp_path, shakespe
 def test_eval_and_generate_run_under_the_requested_autocast(tmp_path, shakespeare, tokenizer_dir, capsys):
     from minipretrain.cli import main
 
-    train(tiny_config(*_data(shakespeare, tokenizer_dir), "train.max_steps=4"), tmp_path / "run", show_progress=False)
+    train(tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=4"), tmp_path / "run", show_progress=False)
     run = str(tmp_path / "run")
     results = {}
     for dtype in ("float32", "bfloat16"):
@@ -102,7 +93,7 @@ def test_eval_and_generate_run_under_the_requested_autocast(tmp_path, shakespear
         main(["eval", "--ckpt", run, "--data", str(shakespeare), "--json", "--device", "cpu", "--dtype", dtype])
         results[dtype] = json.loads(capsys.readouterr().out)["loss"]
     assert results["bfloat16"] != results["float32"]  # bf16 autocast applied...
-    assert results["bfloat16"] == pytest.approx(results["float32"], abs=BF16_LOSS_TOLERANCE)  # ...and close
+    assert results["bfloat16"] == pytest.approx(results["float32"], abs=BF16_TOLERANCE)  # ...and close
     main(["generate", "--ckpt", run, "--prompt", "ROMEO:", "--max-new-tokens", "8", "--device", "cpu",
           "--dtype", "bfloat16"])
     assert capsys.readouterr().out.startswith("ROMEO:")
@@ -191,7 +182,7 @@ def test_final_checkpoint_is_saved_before_the_final_sample(tmp_path, shakespeare
 
     monkeypatch.setattr(loop, "complete", broken_sample)
     with pytest.raises(RuntimeError, match="sampling"):
-        train(tiny_config(*_data(shakespeare, tokenizer_dir)), tmp_path / "run", show_progress=False)
+        train(tiny_config(*data_overrides(shakespeare, tokenizer_dir)), tmp_path / "run", show_progress=False)
     ckpt = ckpt_io.resolve_checkpoint(tmp_path / "run")
     assert ckpt.name == "step_000006"
     ckpt_io.verify_checkpoint(ckpt)
@@ -253,6 +244,47 @@ def test_process_group_backend_adds_gloo_for_cpu_offload():
     offload = tiny_config("parallel.mode=fsdp", "parallel.cpu_offload=true").parallel
     assert process_group_backend(offload, cuda) == "cuda:nccl,cpu:gloo"  # CPU gradients' norm goes over gloo
     assert process_group_backend(tiny_config("parallel.backend=gloo").parallel, cuda) == "gloo"
+
+
+def test_one_gpu_cpu_offload_joins_a_one_process_group(monkeypatch):
+    """The CUDA calls are recorded, not made: what the one-process FSDP offload path asks torch for."""
+    import torch.distributed as dist
+    import torch.distributed.device_mesh as device_mesh
+
+    from minipretrain.parallel import init_distributed
+
+    calls = {}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.update(set_device=device))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: calls.update(backend=backend, **kwargs))
+
+    class Mesh:
+        def __getitem__(self, name):
+            return self
+
+        def get_local_rank(self):
+            return 0
+
+    monkeypatch.setattr(device_mesh, "init_device_mesh",
+                        lambda kind, shape, mesh_dim_names: calls.update(mesh=(kind, shape)) or Mesh())
+    world = init_distributed(tiny_config("parallel.mode=fsdp", "parallel.cpu_offload=true").parallel, "cuda")
+    assert calls["set_device"] == torch.device("cuda", 0)  # an indexed device: set_device refuses a bare "cuda"
+    assert calls["device_id"] == torch.device("cuda", 0)
+    assert calls["backend"] == "cuda:nccl,cpu:gloo" and calls["world_size"] == 1 and calls["rank"] == 0
+    assert isinstance(calls["store"], dist.HashStore)  # no rendezvous for one process
+    assert calls["mesh"] == ("cuda", (1, 1))
+    assert world.distributed and world.size == 1 and world.device == torch.device("cuda", 0)
+    # without offload a single process joins nothing, and closing it leaves any group it did not create alone
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.update(destroyed=True))
+    plain = init_distributed(tiny_config().parallel, "cpu")
+    assert not plain.distributed
+    plain.close()
+    assert "destroyed" not in calls
+    world.close()
+    assert calls["destroyed"]
 
 
 def test_configure_device_switches(monkeypatch):

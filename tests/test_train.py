@@ -14,13 +14,9 @@ from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.loop import train
 from minipretrain.train.metrics import read_metrics
 
-from conftest import TINY_MODEL, assert_cli_errors, shared_file, tiny_config
+from conftest import TINY_MODEL, assert_cli_errors, shared_file, step_losses, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m}
 
 
 @pytest.mark.slow
@@ -51,7 +47,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, shakespeare, token
     big = train(tiny_config(*common, "train.batch_size=8", "train.grad_accum=1"), tmp_path / "big", show_progress=False)
     acc = train(tiny_config(*common, f"train.batch_size={micro_batch}", f"train.grad_accum={accum}"), tmp_path / "acc",
                 show_progress=False)
-    a, b = _losses(tmp_path / "big"), _losses(tmp_path / "acc")
+    a, b = step_losses(tmp_path / "big"), step_losses(tmp_path / "acc")
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     for step in a:
         assert a[step] == pytest.approx(b[step], abs=1e-5)
@@ -64,7 +60,7 @@ def _train_cmd(run_dir: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_kill_and_resume_gives_identical_losses(tmp_path, shakespeare, tokenizer_dir, dtype):
+def test_kill_and_resume_gives_identicalstep_losses(tmp_path, shakespeare, tokenizer_dir, dtype):
     sets = [a for s in TINY_MODEL + [f"data.path={shakespeare}", f"data.tokenizer={tokenizer_dir}",
                                      "train.batch_size=4", "train.seq_len=32", "train.max_steps=60",
                                      "train.save_every=5", "train.eval_every=0", "train.device=cpu",
@@ -80,18 +76,18 @@ def test_kill_and_resume_gives_identical_losses(tmp_path, shakespeare, tokenizer
     metrics = crashed / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(_losses(crashed)) >= 12:
+        if metrics.exists() and len(step_losses(crashed)) >= 12:
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = max(_losses(crashed))
+    killed_at = max(step_losses(crashed))
     assert 12 <= killed_at < 60
     resumed = subprocess.run(_train_cmd(crashed, "--resume", *sets[-2:]), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
-    assert _losses(crashed) == _losses(reference)  # exactly equal, every step
+    assert step_losses(crashed) == step_losses(reference)  # exactly equal, every step
     # samples written after the checkpoint were rewound, not duplicated
     assert (crashed / "samples.txt").read_text() == (reference / "samples.txt").read_text()
 
@@ -114,7 +110,7 @@ def test_checkpoints_keep_last_k_and_resume_continues(tmp_path, shakespeare, tok
     cfg.train.max_steps = 8
     summary = train(cfg, run, resume=True, show_progress=False)
     assert summary["steps"] == 8
-    assert sorted(_losses(run)) == list(range(1, 9))
+    assert sorted(step_losses(run)) == list(range(1, 9))
 
 
 def test_resume_refuses_changed_model_or_tokenizer(tmp_path, shakespeare, tokenizer_dir):
@@ -245,6 +241,19 @@ def test_cli_refuses_bad_flags_before_any_work(tmp_path, capsys):
         assert_cli_errors({f"--out {a_file} is a file: give a directory": [*writes_a_directory, "--out", str(a_file)]},
                           capsys)
     assert a_file.read_text() == "x"
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, shakespeare, tokenizer_dir):
+    """float32, so the tolerance is tight (bf16 and the GPU are in test_cuda.py)."""
+    common = [f"data.path={json.dumps(str(shakespeare))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}",
+              "train.max_steps=3", "data.val_fraction=0"]
+    train(tiny_config(*common), tmp_path / "eager", show_progress=False)
+    train(tiny_config(*common, "train.compile=true"), tmp_path / "compiled", show_progress=False)
+    eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() == {1, 2, 3}
+    for step in eager:
+        assert compiled[step] == pytest.approx(eager[step], abs=1e-4)
 
 
 def test_separate_validation_file(tmp_path, shakespeare, tokenizer_dir):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from minipretrain import __version__
+from minipretrain.config import DTYPE_NAMES
 from minipretrain.errors import ConfigError, UserError
 
 
@@ -165,7 +166,6 @@ def cmd_checkpoint_consolidate(args) -> None:
     print(f"wrote {target / 'model.safetensors'} (checksums in {target / 'meta.json'})")
 
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 DTYPE_HELP = ("autocast dtype, resolved like train.dtype (auto: bf16 on GPUs and on CPUs with native bf16, else "
               "float32; float16 on CUDA only)")
 
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES, help=DTYPE_HELP)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each token (for checking)")
     p.set_defaults(func=cmd_generate)
 
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES, help=DTYPE_HELP)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
     return parser

@@ -18,6 +18,8 @@ from pathlib import Path
 from minipretrain.data.sources import KNOWN_SUFFIXES
 from minipretrain.errors import ConfigError
 
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # train.dtype and --dtype; torch dtypes in precision.py
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -294,8 +296,7 @@ def validate(cfg: Config) -> None:
              f"{t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
     _require(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
              f"unknown device {t.device!r} (auto, cpu, cuda, cuda:N or mps)")
-    _require(t.dtype in ("auto", "float32", "bfloat16", "float16"), "train.dtype",
-             f"unknown dtype {t.dtype!r} (auto, float32, bfloat16 or float16)")
+    _require(t.dtype in DTYPE_NAMES, "train.dtype", f"unknown dtype {t.dtype!r} ({', '.join(DTYPE_NAMES)})")
     _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")

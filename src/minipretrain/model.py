@@ -93,7 +93,7 @@ def dense_document_mask(run: torch.Tensor) -> torch.Tensor:
 def attention_backend(device: torch.device | str, head_dim: int) -> str:
     """How document-masked attention runs: "flex" (FlexAttention, skips fully masked blocks) on CUDA when it
     imports and the heads are at least 16 wide (its GPU kernels' minimum), else "sdpa" with a dense boolean mask.
-    FlexAttention on CPU in torch 2.13 runs the forward only (no backward), so CPU always gets "sdpa"."""
+    FlexAttention on the CPU runs the forward only (no backward in torch 2.11 and 2.13), so CPU gets "sdpa"."""
     usable = flex_attention is not None and torch.device(device).type == "cuda" and head_dim >= 16
     return "flex" if usable else "sdpa"
 
@@ -170,15 +170,17 @@ class Attention(nn.Module):
             causal = False
         if doc_mask is not None:
             mask, causal = doc_mask, False
-        # Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads. Without a mask SDPA's
-        # fused kernels share the kv heads in place; with one, the kernels that take a mask need them repeated.
-        gqa = n_kv_heads != n_heads
-        if gqa and mask is not None:
+        # Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads. SDPA shares them in place
+        # (enable_gqa) without a mask, on the CPU and in CUDA's flash kernel (fp16/bf16 only); elsewhere the
+        # kernels that take a mask or float32 (memory-efficient) need the kv heads repeated.
+        share_kv = n_kv_heads != n_heads and mask is None and (
+            q.device.type == "cpu" or (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)))
+        if n_kv_heads != n_heads and not share_kv:
             repeat = n_heads // n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=gqa and mask is None,
+            enable_gqa=share_kv,
         )
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 

@@ -85,7 +85,7 @@ class World:
         return box[0]
 
     def close(self) -> None:
-        if dist.is_initialized():
+        if self.mesh is not None and dist.is_initialized():  # only the group init_distributed joined
             dist.destroy_process_group()
 
 
@@ -135,6 +135,8 @@ def _join(cfg: ParallelConfig, device: torch.device, rank: int, size: int, store
     if cfg.cpu_offload and device.type != "cuda":
         raise ConfigError("parallel.cpu_offload offloads GPU memory to the CPU: it needs train.device=cuda")
     if device.type == "cuda":
+        if device.index is None:  # set_device and the process group want an indexed device
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     dist.init_process_group(process_group_backend(cfg, device), store=store, rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=cfg.timeout_s),
@@ -169,14 +171,18 @@ def fsdp_options(cfg: ParallelConfig, amp_dtype: torch.dtype) -> dict:
     return options
 
 
+def check_parallel_precision(world: World, cfg: ParallelConfig, amp_dtype: torch.dtype) -> None:
+    if world.distributed and amp_dtype == torch.float16 and (cfg.mode == "fsdp" or world.tp_size > 1):
+        raise ConfigError("train.dtype=float16 needs a gradient scaler that FSDP and tensor parallelism do not "
+                          "use here: train with bfloat16 (the default on GPUs that support it)")
+
+
 def parallelize(model: torch.nn.Module, world: World, cfg: ParallelConfig, amp_dtype: torch.dtype) -> torch.nn.Module:
     """Apply tensor parallelism, then FSDP2 or DDP, to `model` in place; returns the module to call for training.
     For FSDP and TP that is `model` itself (its parameters become DTensors); for DDP it is the DDP wrapper."""
     if not world.distributed:
         return model
-    if amp_dtype == torch.float16 and (cfg.mode == "fsdp" or world.tp_size > 1):
-        raise ConfigError("train.dtype=float16 needs a gradient scaler that FSDP and tensor parallelism do not "
-                          "use here: train with bfloat16 (the default on GPUs that support it)")
+    check_parallel_precision(world, cfg, amp_dtype)
     if world.tp_size > 1:
         from torch.distributed.tensor.parallel import parallelize_module
 

@@ -18,7 +18,7 @@ import torch
 
 from minipretrain.errors import ConfigError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # config.DTYPE_NAMES
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ def resolve_precision(name: str, device: torch.device, key: str = "train.dtype")
             feature = native_cpu_bf16()
             if feature:
                 return Precision(torch.bfloat16, f"auto: the CPU has native bf16 ({feature})")
-            return Precision(torch.float32, "auto: the CPU has no native bf16 (AVX512-BF16 or AMX); "
-                                            "train.dtype=bfloat16 would emulate it")
+            return Precision(torch.float32,
+                             "auto: the CPU has no native bf16 (AVX512-BF16 or AMX); train.dtype=bfloat16 would emulate it")
         return Precision(torch.float32, f"auto: no mixed precision on {device.type}")
     dtype = DTYPES[name]
     if dtype == torch.float16 and device.type != "cuda":
@@ -81,16 +81,23 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict) -> None:
         scaler.load_state_dict(state)
 
 
+def request_deterministic_cublas() -> None:
+    """cuBLAS is deterministic only with a fixed workspace, and reads this variable once, at the process's first
+    matmul on a GPU: a process that wants `train.deterministic` sets it before touching CUDA (the trainer does so
+    first thing; in a notebook, export it before starting Python)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def configure_device(device: torch.device, deterministic: bool = False) -> None:
-    """Process-wide numerics switches for training or inference on `device`."""
+    """Process-wide numerics switches for training or inference on `device` (they stay set after the run)."""
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormals in Adam's state can make CPU steps several times slower
     if device.type == "cuda":
-        # float32 matmuls on tensor cores (TF32): fp32 runs and the fp32 parts of autocast run at tensor-core speed.
-        # The legacy setter, because torch.compile in torch < 2.13 still reads the legacy flag.
+        # float32 matmuls on TF32 tensor cores, for fp32 runs and the fp32 parts of autocast. Through this API
+        # rather than the per-backend fp32_precision flags: torch.compile in torch 2.11 still reads what it sets,
+        # and mixing the two APIs raises.
         torch.set_float32_matmul_precision("high")
     if deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic; read when its first handle is created.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        request_deterministic_cublas()
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False

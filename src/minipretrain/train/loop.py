@@ -28,8 +28,10 @@ from minipretrain.errors import CheckpointError, UserError
 from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.generate import complete
 from minipretrain.model import MiniMind
-from minipretrain.parallel import World, clip_grad_norm, gradient_sync, init_distributed, parallelize
-from minipretrain.precision import configure_device, load_scaler_state, mixed_precision, resolve_precision
+from minipretrain.parallel import (World, check_parallel_precision, clip_grad_norm, gradient_sync, init_distributed,
+                                  parallelize)
+from minipretrain.precision import (configure_device, load_scaler_state, mixed_precision, request_deterministic_cublas,
+                                    resolve_precision)
 from minipretrain.tokenizer import Tokenizer
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.metrics import MetricsLog
@@ -123,6 +125,8 @@ def apply_gradients(model, optimizer, scaler, grad_clip: float) -> float:
 
 def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrite: bool = False,
           show_progress: bool = True) -> dict:
+    if cfg.train.deterministic:
+        request_deterministic_cublas()  # before anything touches CUDA
     world = init_distributed(cfg.parallel, cfg.train.device)
     summary = _train(cfg, Path(run_dir), resume, overwrite, show_progress, world)
     world.close()  # not on failure: peers may still wait in a collective, and torchrun stops them anyway
@@ -150,6 +154,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     device = world.device
     precision = resolve_precision(t.dtype, device)  # before the run directory is touched: a refusal loses nothing
     amp_dtype = precision.dtype
+    check_parallel_precision(world, cfg.parallel, amp_dtype)
     ckpt = world.broadcast(_prepare_run_dir(run_dir, resume, overwrite) if main else None)
     state = None
     if ckpt is not None:
@@ -170,7 +175,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     if world.dp_rank:  # data-parallel replicas draw different dropout masks; tensor-parallel peers the same ones
         seed_everything(t.seed + world.dp_rank)
     layout = (f"; {world.size} processes, {cfg.parallel.mode if world.dp_size > 1 else 'no'} data parallel x "
-              f"{world.dp_size}, tensor parallel x {world.tp_size}" if world.distributed else "")
+              f"{world.dp_size}, tensor parallel x {world.tp_size}" if world.size > 1
+              else "; FSDP2 offloading to the CPU in one process" if world.distributed else "")
     say(f"model: {model.num_parameters() / 1e6:.2f}M parameters on {device.type} "
         f"({precision.name}; {precision.reason}){layout}")
     optimizer = build_optimizer(model, cfg.optim, device.type)
