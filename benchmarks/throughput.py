@@ -79,8 +79,8 @@ def peak_tflops(args, device, dtype) -> tuple[float | None, str]:
 
 def cpu_description() -> str:
     """The CPU model (as lscpu names it) and its bf16 support, which decides whether bf16 pays off on it."""
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "unknown CPU")
     return f"{name}, native bf16: {native_cpu_bf16() or 'none (bf16 is emulated)'}"
 
 
@@ -164,8 +164,8 @@ def main(argv=None) -> dict:
     try:
         cfg = load_config(args.config, overrides)
         device = resolve_device(cfg.train.device)
-        dtypes = ([torch.float32, resolve_precision("bfloat16", device).dtype] if args.compare_dtype
-                  else [resolve_precision(cfg.train.dtype, device).dtype])
+        dtype = resolve_precision(cfg.train.dtype, device).dtype
+        bf16 = resolve_precision("bfloat16", device).dtype if args.compare_dtype else None
     except UserError as e:
         sys.exit(f"error: {e}")
     m, t, preset = cfg.model, cfg.train, Path(args.config).stem
@@ -178,12 +178,12 @@ def main(argv=None) -> dict:
     batches = [Batch(x, x.clone()) for x in inputs]  # labels are a copy of the inputs, as in PackedRows
 
     base = MiniMind(m).to(device)
-    compare = args.compare_optimizer or args.compare_dtype
-    models = [base, copy.deepcopy(base)] if compare else [base]
-    impls = ["fused", "foreach"] if args.compare_optimizer else [None] * len(models)
-    dtypes = dtypes * len(models) if len(dtypes) == 1 else dtypes
+    variants = ([("fused", dtype), ("foreach", dtype)] if args.compare_optimizer  # (AdamW forced, dtype)
+                else [(None, torch.float32), (None, bf16)] if args.compare_dtype else [(None, dtype)])
+    compare = len(variants) > 1
     trainers = []
-    for model, impl, amp_dtype in zip(models, impls, dtypes):
+    for i, (impl, amp_dtype) in enumerate(variants):
+        model = copy.deepcopy(base) if i else base  # identical copies
         optimizer, optimizer_name = make_optimizer(model, cfg, device.type, impl)
         trainers.append(Trainer(model, optimizer, optimizer_name, cfg, device, amp_dtype, batches))
     n_params = base.num_parameters()

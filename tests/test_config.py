@@ -203,6 +203,7 @@ INVALID = [
     (['data.path=""'], "data.path"),
     (['data.text_field=""'], "data.text_field"),
     (["train.device=tpu"], "train.device"),
+    (["train.device=cuda:x"], "train.device=cuda:x: unknown device"),
     (["train.dtype=fp8"], "train.dtype"),
 ]
 

@@ -26,6 +26,7 @@ def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch):
     monkeypatch.setattr(precision_module, "native_cpu_bf16", lambda: None)
     chosen = resolve_precision("auto", CPU)
     assert chosen.dtype == torch.float32 and "no native bf16" in chosen.reason
+    assert "emulated" in resolve_precision("bfloat16", CPU).reason  # allowed, but the start-up line says so
     assert resolve_precision("auto", torch.device("mps")).dtype == torch.float32
     # explicit choices
     assert resolve_precision("bfloat16", CPU).dtype == torch.bfloat16  # allowed even without native support

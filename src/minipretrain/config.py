@@ -20,6 +20,13 @@ from minipretrain.errors import ConfigError
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # train.dtype and --dtype; torch dtypes in precision.py
 
+
+def check_device_name(name: str, key: str = "train.device") -> None:
+    """auto, cpu, cuda, cuda:N or mps (`key` names the setting in the error)."""
+    kind, colon, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (colon and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"{key}={name}: unknown device (auto, cpu, cuda, cuda:N or mps)")
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -294,8 +301,7 @@ def validate(cfg: Config) -> None:
     _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(t.seq_len <= m.max_position_embeddings, "train.seq_len",
              f"{t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
-    _require(t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"), "train.device",
-             f"unknown device {t.device!r} (auto, cpu, cuda, cuda:N or mps)")
+    check_device_name(t.device)
     _require(t.dtype in DTYPE_NAMES, "train.dtype", f"unknown dtype {t.dtype!r} ({', '.join(DTYPE_NAMES)})")
     _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")

@@ -19,15 +19,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from minipretrain.config import ParallelConfig
+from minipretrain.config import ParallelConfig, check_device_name
 from minipretrain.errors import ConfigError
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
     """`train.device` (or the option `key`): auto picks CUDA, then MPS, then the CPU."""
-    kind, _, index = name.partition(":")
-    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
-        raise ConfigError(f"{key}={name}: unknown device (auto, cpu, cuda, cuda:N or mps)")
+    check_device_name(name, key)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -36,6 +34,7 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{key}={name}: CUDA is not available on this machine (use auto or cpu)")
+    index = name.partition(":")[2]
     if index and int(index) >= torch.cuda.device_count():
         raise ConfigError(f"{key}={name}: this machine has {torch.cuda.device_count()} CUDA devices (0 to "
                           f"{torch.cuda.device_count() - 1})")

@@ -65,6 +65,8 @@ def resolve_precision(name: str, device: torch.device, key: str = "train.dtype")
                           "here): use bfloat16 or float32")
     if dtype == torch.bfloat16 and device.type not in ("cuda", "cpu"):
         raise ConfigError(f"{key}=bfloat16 runs on CUDA or CPU, not {device.type}: use float32")
+    if dtype == torch.bfloat16 and device.type == "cpu" and not native_cpu_bf16():
+        return Precision(dtype, f"{key}={name}, emulated: this CPU has no native bf16, float32 is faster here")
     return Precision(dtype, f"{key}={name}")
 
 
