@@ -90,7 +90,7 @@ def worker(args) -> None:
     for i in range(args.warmup + args.steps):
         world.barrier()  # every rank starts the step together: its time is then the step's, not a wait for a peer
         start = time.perf_counter()
-        loss = accumulate_gradients(step_model, [batches[i % len(batches)]], autocast, scaler, world)
+        loss, _ = accumulate_gradients(step_model, [batches[i % len(batches)]], autocast, scaler, world)
         apply_gradients(model, optimizer, scaler, cfg.optim.grad_clip)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)

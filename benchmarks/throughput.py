@@ -8,8 +8,8 @@ Each step is the training step of `minipretrain.train.loop.train` on random toke
 `build_optimizer`, autocast unless float32, GradScaler for float16, clip_grad_norm_, optimizer.step and
 zero_grad(set_to_none=True). No data loading, validation or checkpointing is timed.
 
-FLOPs per token = 6*N + 12*L*H*Q*T  (nanoGPT's convention: N = model.num_parameters(), tied embedding counted
-once; L layers, H attention heads, Q head dim, T sequence length; forward + backward).
+FLOPs per token = 6*N + 12*L*H*Q*T  (nanoGPT's convention: N = model.num_active_parameters(), all parameters of
+a dense model and those one token passes through in a mixture of experts, tied embedding counted once; L layers, H attention heads, Q head dim, T sequence length; forward + backward).
 MFU = tokens/s * FLOPs per token / peak FLOP/s of the hardware (--peak-tflops, or on CUDA a table of dense
 tensor-core peaks: bf16/fp16 for mixed precision, TF32 for float32).
 
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from minipretrain import moe
 from minipretrain.config import DTYPE_NAMES, load_config
 from minipretrain.data.batches import Batch
 from minipretrain.errors import UserError
@@ -117,11 +118,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.n, cfg.optim, t.max_steps)
         micro_batches = [self.batches[(self.n * t.grad_accum + i) % len(self.batches)] for i in range(t.grad_accum)]
-        step_loss = accumulate_gradients(self.step_model, micro_batches, self.autocast, self.scaler,
-                                         World(device=self.device))
+        world = World(device=self.device)
+        step_loss, _ = accumulate_gradients(self.step_model, micro_batches, self.autocast, self.scaler, world)
         self.sync()
         optim_start = time.perf_counter()
         apply_gradients(self.model, self.optimizer, self.scaler, cfg.optim.grad_clip)
+        moe.end_of_step(self.model, world, cfg.model.router_bias_update_rate)
         self.sync()
         end = time.perf_counter()
         self.n += 1
@@ -186,27 +188,21 @@ def main(argv=None) -> dict:
         model = copy.deepcopy(base) if i else base  # identical copies
         optimizer, optimizer_name = make_optimizer(model, cfg, device.type, impl)
         trainers.append(Trainer(model, optimizer, optimizer_name, cfg, device, amp_dtype, batches))
-    n_params = base.num_parameters()
+    n_params = base.num_active_parameters()
+    n_total = base.num_parameters()
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
     token_flops = flops_per_token(m, n_params, t.seq_len)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
-    print(f"{preset}: {n_params / 1e6:.2f}M parameters on {device} ({hardware}; torch {torch.__version__}, "
+    size = f"{n_total / 1e6:.2f}M parameters" + (f" ({n_params / 1e6:.2f}M active)" if n_params < n_total else "")
+    print(f"{preset}: {size} on {device} ({hardware}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads{', compiled' if t.compile else ''}); batch {t.batch_size} x seq "
           f"{t.seq_len} x accum {t.grad_accum} = {tokens_per_step:,} tokens/step")
     print(f"{FLOPS_FORMULA} = 6*{n_params:,} + 12*{m.num_hidden_layers}*{m.num_attention_heads}*{m.head_dim}*"
           f"{t.seq_len} = {token_flops / 1e6:.1f} MFLOP")
 
-    busy = cpu_busy()
-    if busy is not None and busy > 0.2:
-        print(f"warning: the CPUs were {100 * busy:.0f}% busy just before timing: other work will skew the numbers")
-    for trainer in trainers:
-        for _ in range(args.warmup):
-            trainer.step(timed=False)
+    busy = warn_if_busy()
     block = args.block if compare else args.steps
-    while any(len(tr.times) < args.steps for tr in trainers):  # A/B blocks in turn
-        for trainer in trainers:
-            for _ in range(min(block, args.steps - len(trainer.times))):
-                loss = trainer.step()
+    loss = run_interleaved(trainers, args.warmup, args.steps, block)
     mem = peak_memory(device)
 
     runs = []
@@ -229,7 +225,7 @@ def main(argv=None) -> dict:
           "| TFLOP/s | MFU |\n" + "|---" * 11 + "|")
     for r in runs:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"| {preset} | {device} | {r['dtype']} | {r['optimizer']} | {n_params / 1e6:.2f}M | {tokens_per_step:,} "
+        print(f"| {preset} | {device} | {r['dtype']} | {r['optimizer']} | {size.replace(' parameters', '')} | {tokens_per_step:,} "
               f"| {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['tokens_per_s']:,.0f} "
               f"| {r['optimizer_median_ms']:.1f} | {r['achieved_tflops']:.3f} | {mfu} |")
     if args.compare_dtype:
@@ -239,14 +235,38 @@ def main(argv=None) -> dict:
               "hardware": hardware, "compile": t.compile, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "batch_size": t.batch_size, "seq_len": t.seq_len,
               "grad_accum": t.grad_accum, "steps": args.steps, "warmup": args.warmup,
-              "interleaved_block": block if compare else None, "parameters": n_params,
+              "interleaved_block": block if compare else None, "parameters": n_total, "active_parameters": n_params,
               "tokens_per_step": tokens_per_step, "flops_formula": FLOPS_FORMULA, "flops_per_token": token_flops,
               "peak_memory_bytes": mem, "cpu_busy_before": busy, "runs": runs}
-    out = args.json or Path("benchmarks/results") / f"throughput-{preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_result(args.json or Path("benchmarks/results") / f"throughput-{preset}.json", result)
     return result
+
+
+def warn_if_busy() -> float | None:
+    busy = cpu_busy()
+    if busy is not None and busy > 0.2:
+        print(f"warning: the CPUs were {100 * busy:.0f}% busy just before timing: other work will skew the numbers")
+    return busy
+
+
+def run_interleaved(trainers: list[Trainer], warmup: int, steps: int, block: int) -> float:
+    """Untimed warmup steps for each trainer, then `steps` timed steps each, in blocks of `block` taken in turn
+    (so that drift on a shared machine hits every variant alike); returns the last step's loss."""
+    for trainer in trainers:
+        for _ in range(warmup):
+            trainer.step(timed=False)
+    loss = float("nan")
+    while any(len(tr.times) < steps for tr in trainers):
+        for trainer in trainers:
+            for _ in range(min(block, steps - len(trainer.times))):
+                loss = trainer.step()
+    return loss
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

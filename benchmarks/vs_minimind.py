@@ -9,6 +9,10 @@ layout (bos + text + eos per row, as the peer's loader), batch x seq positions p
 in bfloat16 autocast. The runs alternate (peer, ours fp32, ours bf16, then again) so drift on a shared machine hits
 all alike. Step time: the peer's, between consecutive per-step log lines; ours, the step time metrics.jsonl
 records (tokens_per_s with log_every=1). Each run's median over the steps after --warmup.
+
+--moe compares the mixture-of-experts model instead (the peer's `--use_moe 1`: every SwiGLU becomes 4 experts of the
+same width, top-1 with the weight renormalised, balancing loss 5e-4 over the batch; its dispatch loops over the
+experts with a boolean mask each). minipretrain trains the same shape with its sort-based dispatch.
 """
 
 from __future__ import annotations
@@ -40,8 +44,11 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "vs-minimind.json")
-    return p.parse_args(argv)
+    p.add_argument("--moe", action="store_true", help="both trainers train the mixture-of-experts model")
+    p.add_argument("--json", type=Path, help="default: benchmarks/results/vs-minimind[-moe].json")
+    args = p.parse_args(argv)
+    args.json = args.json or ROOT / "benchmarks" / "results" / f"vs-minimind{'-moe' if args.moe else ''}.json"
+    return args
 
 
 def peer_step_times(args, scratch: Path, data: Path) -> list[float]:
@@ -52,7 +59,7 @@ def peer_step_times(args, scratch: Path, data: Path) -> list[float]:
            "--num_hidden_layers", str(args.layers), "--max_seq_len", str(args.seq_len), "--batch_size",
            str(args.batch_size), "--epochs", "1", "--accumulation_steps", "1", "--log_interval", "1",
            "--save_interval", "100000", "--num_workers", "1", "--data_path", str(data), "--save_dir",
-           str(peer / "out")]
+           str(peer / "out"), "--use_moe", str(int(args.moe))]
     stamps = []
     with subprocess.Popen(cmd, cwd=peer / "trainer", stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True) as proc:
@@ -76,6 +83,9 @@ def our_step_times(args, scratch: Path, data: Path, dtype: str) -> list[float]:
             "data.path": data, "data.layout": "padded", "data.val_fraction": 0, "train.batch_size": args.batch_size,
             "train.seq_len": args.seq_len, "train.max_steps": args.warmup + args.steps + 1, "train.eval_every": 0,
             "train.save_every": 0, "train.sample_tokens": 1, "train.device": "cpu", "train.dtype": dtype}
+    if args.moe:  # the peer's MoE: 4 experts as wide as the dense SwiGLU, top-1, balancing over the whole batch
+        sets.update({"model.moe": "true", "model.num_experts": 4, "model.num_experts_per_tok": 1,
+                     "model.router_aux_loss_coef": 5e-4, "model.seq_aux": "false"})
     cmd = [sys.executable, "-m", "minipretrain", "train", "--config", str(ROOT / "configs" / "minimind2-26m.toml"),
            "--run-dir", str(run), "--overwrite", "--no-progress"]
     for key, value in sets.items():
@@ -109,7 +119,7 @@ def main(argv=None) -> dict:
     tokens_per_step = args.batch_size * args.seq_len
     peer_median = statistics.median(runs["MiniMind trainer (float32)"])
     hardware = cpu_description()
-    print(f"\n{hardware}; hidden {args.hidden}, {args.layers} layers, batch {args.batch_size} x seq {args.seq_len}, "
+    print(f"\n{hardware}; {'MoE (4 experts, top-1), ' if args.moe else ''}hidden {args.hidden}, {args.layers} layers, batch {args.batch_size} x seq {args.seq_len}, "
           f"{args.repeats} x {args.steps} timed steps per run\n")
     print("| trainer | median step | tokens/s | vs MiniMind |\n|---|---|---|---|")
     results = []
@@ -118,7 +128,7 @@ def main(argv=None) -> dict:
         results.append({"trainer": name, "median_s": median, "tokens_per_s": tokens_per_step / median,
                         "speedup_vs_peer": peer_median / median, "step_times_s": times})
         print(f"| {name} | {median:.3f} s | {tokens_per_step / median:,.0f} | {peer_median / median:.2f}x |")
-    result = {"hardware": hardware, "hidden": args.hidden, "layers": args.layers, "batch_size": args.batch_size,
+    result = {"hardware": hardware, "moe": args.moe, "hidden": args.hidden, "layers": args.layers, "batch_size": args.batch_size,
               "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
               "runs": results}
     args.json.parent.mkdir(parents=True, exist_ok=True)

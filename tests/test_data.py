@@ -280,7 +280,7 @@ def test_prepare_of_an_empty_dataset_is_an_error(tmp_path):
 def _small_tokenizer():
     from minipretrain.tokenizer import train_tokenizer
 
-    return train_tokenizer(["abc def"], 260, show_progress=False)
+    return train_tokenizer(["abc def"], 270, show_progress=False)
 
 
 # --- data errors from train() -------------------------------------------------------------------------------------

@@ -89,25 +89,28 @@ def samples() -> dict[str, str]:
 def test_special_token_ids(tok):
     assert [tok.hf.token_to_id(t) for t in (PAD, BOS, EOS)] == [0, 1, 2]
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
-    assert SPECIAL_TOKENS == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    assert [tok.hf.id_to_token(i) for i in range(3)] == SPECIAL_TOKENS
+    assert SPECIAL_TOKENS == ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|fim_middle|>",
+                              "<|fim_suffix|>", "<|fim_pad|>", "<|mask|>"]
+    assert [tok.hf.id_to_token(i) for i in range(8)] == SPECIAL_TOKENS
+    assert tok.has_objective_tokens and tok.first_ordinary_id == 8
+    assert (tok.fim_prefix_id, tok.fim_middle_id, tok.fim_suffix_id, tok.fim_pad_id, tok.mask_id) == (3, 4, 5, 6, 7)
 
 
 def test_vocab_size(tok):
-    assert 259 <= tok.vocab_size <= VOCAB
+    assert 264 <= tok.vocab_size <= VOCAB
     assert tok.vocab_size == VOCAB  # 250 KB is plenty for 1000 merges
 
 
 def test_ordinary_text_never_yields_special_ids(tok, samples):
     for name, text in samples.items():
         ids = tok.encode(text)
-        assert not {0, 1, 2} & set(ids), name
+        assert not set(range(len(SPECIAL_TOKENS))) & set(ids), name
 
 
 def test_vocab_too_small():
     with pytest.raises(UserError) as e:
-        train_tokenizer(["abc"], vocab_size=258, show_progress=False)
-    assert "258" in str(e.value)
+        train_tokenizer(["abc"], vocab_size=263, show_progress=False)
+    assert "263" in str(e.value) and "at least 264 (256 bytes + 8 special tokens)" in str(e.value)
 
 
 def test_wrong_special_ids_rejected():
@@ -181,8 +184,8 @@ def test_decode_skips_special_tokens(tok):
 def test_token_bytes(tok, samples):
     lengths = tok.token_bytes()
     assert len(lengths) == tok.vocab_size
-    assert lengths[:3] == [0, 0, 0]
-    assert all(n >= 1 for n in lengths[3:])
+    assert lengths[:8] == [0] * 8  # special tokens spell no bytes
+    assert all(n >= 1 for n in lengths[8:])
     for name, text in samples.items():
         ids = tok.encode(text)
         assert sum(lengths[i] for i in ids) == len(text.encode("utf-8")), name
@@ -196,7 +199,7 @@ def test_token_bytes_match_decoded_tokens(tok):
 
     byte_of = {c: b for b, c in _bytes_to_unicode().items()}
     for token, idx in vocab.items():
-        if idx >= 3:
+        if idx >= len(SPECIAL_TOKENS):
             raw = bytes(byte_of[c] for c in token)
             assert lengths[idx] == len(raw) > 0
 
@@ -242,6 +245,8 @@ def test_transformers_loads_saved_tokenizer(tok, saved_dir, samples):
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(saved_dir))
     assert hf.pad_token == PAD and hf.bos_token == BOS and hf.eos_token == EOS
     assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
+    assert (hf.mask_token, hf.mask_token_id) == ("<|mask|>", 7)
+    assert set(hf.all_special_tokens) == set(SPECIAL_TOKENS)
     assert len(hf) == tok.vocab_size
     for name, text in samples.items():
         ids = hf.encode(text, add_special_tokens=False)

@@ -244,10 +244,12 @@ def test_cli_refuses_bad_flags_before_any_work(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager(tmp_path, shakespeare, tokenizer_dir):
+@pytest.mark.parametrize("model", [[], ["model.moe=true", "model.num_experts=4", "model.num_experts_per_tok=2"]],
+                         ids=["dense", "moe"])
+def test_compiled_training_matches_eager(tmp_path, shakespeare, tokenizer_dir, model):
     """float32, so the tolerance is tight (bf16 and the GPU are in test_cuda.py)."""
     common = [f"data.path={json.dumps(str(shakespeare))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}",
-              "train.max_steps=3", "data.val_fraction=0"]
+              "train.max_steps=3", "data.val_fraction=0", *model]
     train(tiny_config(*common), tmp_path / "eager", show_progress=False)
     train(tiny_config(*common, "train.compile=true"), tmp_path / "compiled", show_progress=False)
     eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")

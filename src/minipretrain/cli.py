@@ -73,7 +73,8 @@ def _inference_device(args):
 def cmd_generate(args) -> None:
     import torch
 
-    from minipretrain.generate import complete
+    from minipretrain.generate import complete, infill
+    from minipretrain.tokenizer import MASK
     from minipretrain.train.checkpoint import load_model_from_checkpoint
 
     _require(args.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -81,16 +82,56 @@ def cmd_generate(args) -> None:
     _require(args.top_k is None or args.top_k >= 1, f"--top-k must be at least 1, got {args.top_k}")
     _require(0 < args.top_p <= 1, f"--top-p must be in (0, 1] (1 = no cut), got {args.top_p}")
     _require(args.num_samples >= 1, f"--num-samples must be at least 1, got {args.num_samples}")
+    fim = args.fim_prefix is not None or args.fim_suffix is not None
+    _require(not (fim and args.prompt), "--prompt and --fim-prefix / --fim-suffix exclude each other "
+                                        "(to fill in the middle, give the text before it as --fim-prefix)")
     device, autocast = _inference_device(args)
-    model, tokenizer, _, _ = load_model_from_checkpoint(args.ckpt, str(device))
+    model, tokenizer, cfg, ckpt = load_model_from_checkpoint(args.ckpt, str(device))
+    if not model.causal:
+        raise UserError(f"{ckpt} is a masked LM (train.objective=mlm): it does not generate text; fill masks with "
+                        f"`minipretrain fill-mask --ckpt {args.ckpt} --text \"The {MASK} sat on the mat\"`")
+    if fim:
+        tokenizer.require_objective_tokens("--fim-prefix / --fim-suffix")
+        if cfg.train.objective != "fim":
+            raise UserError(f"{ckpt} was trained with train.objective={cfg.train.objective}, not fim: it never saw "
+                            "the fill-in-the-middle layout (train with --set train.objective=fim)")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
         with autocast:
-            text = complete(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                            args.top_p, use_cache=not args.no_cache, generator=generator, device=device)
+            if fim:  # prints the middle alone
+                text = infill(model, tokenizer, args.fim_prefix or "", args.fim_suffix or "", args.max_new_tokens,
+                              args.temperature, args.top_k, args.top_p, use_cache=not args.no_cache,
+                              generator=generator, device=device)
+            else:
+                text = complete(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                args.top_p, use_cache=not args.no_cache, generator=generator, device=device)
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         print(text)
+
+
+def cmd_fill_mask(args) -> None:
+    from minipretrain.generate import fill_mask
+    from minipretrain.tokenizer import MASK
+    from minipretrain.train.checkpoint import load_model_from_checkpoint
+
+    _require(args.top_k >= 1, f"--top-k must be at least 1, got {args.top_k}")
+    _require(MASK in args.text, f"--text has no {MASK}: mark each token to predict, e.g. \"The {MASK} sat on the mat\"")
+    device, autocast = _inference_device(args)
+    model, tokenizer, cfg, ckpt = load_model_from_checkpoint(args.ckpt, str(device))
+    if model.causal:
+        raise UserError(f"{ckpt} is a causal LM: fill-mask needs a masked LM (trained with --set train.objective=mlm); "
+                        "`minipretrain generate` samples from this one")
+    start_id = tokenizer.bos_id if cfg.data.layout == "padded" else tokenizer.eos_id  # as its training rows began
+    with autocast:
+        filled, predictions = fill_mask(model, tokenizer, args.text, args.top_k, start_id, device)
+    if args.json:
+        print(json.dumps({"text": filled, "masks": [[{"token": token, "probability": p} for token, p in candidates]
+                                                    for candidates in predictions]}, ensure_ascii=False))
+        return
+    print(filled)
+    for i, candidates in enumerate(predictions, 1):
+        print(f"{MASK} {i}: " + "   ".join(f"{token!r} {p:.3f}" for token, p in candidates))
 
 
 def cmd_data_prepare(args) -> None:
@@ -120,7 +161,8 @@ def cmd_data_info(args) -> None:
 def cmd_eval(args) -> None:
     import tempfile
 
-    from minipretrain.data.batches import make_rows
+    from minipretrain.data.batches import ObjectiveRows, make_rows
+    from minipretrain.data.objectives import EVAL_SEED, fim_middles, make_objective, validation_objective
     from minipretrain.data.shards import PrepareOptions, PreparedData, is_prepared, prepare
     from minipretrain.evaluate import evaluate, token_byte_lengths
     from minipretrain.train.checkpoint import load_model_from_checkpoint
@@ -129,6 +171,12 @@ def cmd_eval(args) -> None:
     _require(args.seq_len is None or args.seq_len >= 2, f"--seq-len must be at least 2, got {args.seq_len}")
     device, autocast = _inference_device(args)
     model, tokenizer, cfg, ckpt = load_model_from_checkpoint(args.ckpt, str(device))
+    if args.fim:
+        if not model.causal:
+            raise UserError(f"--fim scores filling in the middle, which {ckpt}, a masked LM, does not do")
+        tokenizer.require_objective_tokens("--fim")
+    # As validation scores it: the loss on middles with --fim, else masked tokens for a masked LM, all tokens else.
+    objective = fim_middles(tokenizer) if args.fim else validation_objective(make_objective(cfg.train, tokenizer))
     seq_len = args.seq_len or cfg.train.seq_len
     if seq_len > cfg.model.max_position_embeddings:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={cfg.model.max_position_embeddings}")
@@ -143,18 +191,23 @@ def cmd_eval(args) -> None:
         stream = data.split(split)
         if stream is None:
             raise UserError(f"{args.data} has no documents in its {split} split")
-        rows = make_rows(stream, "packed", seq_len, tokenizer, cfg.data.document_mask, for_eval=True)
+        rows = ObjectiveRows(make_rows(stream, "packed", seq_len, tokenizer, cfg.data.document_mask, for_eval=True),
+                             objective, EVAL_SEED)
         token_bytes = token_byte_lengths(tokenizer, cfg.model.vocab_size)
         result = evaluate(model, rows, args.batch_size, token_bytes, device=str(device), autocast=autocast,
                           show_progress=not args.json)
-    result.update(checkpoint=str(ckpt), data=args.data, split=split, documents=stream.num_documents, seq_len=seq_len)
+    scored = "middles" if args.fim else "masked tokens" if not model.causal else "all tokens"
+    result.update(checkpoint=str(ckpt), data=args.data, split=split, documents=stream.num_documents, seq_len=seq_len,
+                  scored=scored)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{ckpt} on {args.data} ({split}: {stream.num_documents:,} documents, {result['tokens']:,} predicted "
-              f"tokens, seq {seq_len}):")
-        print(f"  loss {result['loss']:.4f}   perplexity {result['perplexity']:.2f}   "
-              f"bits/byte {result['bits_per_byte']:.4f}")
+              f"tokens ({scored}), seq {seq_len}):")
+        last = (f"bits/byte {result['bits_per_byte']:.4f}" if model.causal
+                else f"accuracy {result['accuracy']:.4f}")  # bits per byte: a rate only left-to-right loss is
+        print(f"  {'loss on middles' if args.fim else 'loss'} {result['loss']:.4f}   perplexity "
+              f"{result['perplexity']:.2f}   {last}")
 
 
 def cmd_checkpoint_consolidate(args) -> None:
@@ -236,7 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES, help=DTYPE_HELP)
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each token (for checking)")
+    p.add_argument("--fim-prefix", default=None, help="fill in the middle (a model trained with train.objective=fim): "
+                                                      "the text before the gap; prints the middle")
+    p.add_argument("--fim-suffix", default=None, help="fill in the middle: the text after the gap")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("fill-mask", help="predict the <|mask|> tokens of a text (a masked LM: train.objective=mlm)")
+    p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--text", required=True, help='e.g. "The <|mask|> sat on the mat"')
+    p.add_argument("--top-k", type=int, default=5, help="candidates shown per mask")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES, help=DTYPE_HELP)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_fill_mask)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on some text")
     p.add_argument("--ckpt", required=True)
@@ -249,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES, help=DTYPE_HELP)
+    p.add_argument("--fim", action="store_true",
+                   help="score filling in the middle: every document in PSM, loss on its middle only")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
     return parser

@@ -46,11 +46,25 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     dropout: float = 0.0
     qk_norm: bool = False  # per-head RMSNorm on q and k (MiniMind-3 / Qwen3 style)
+    attention: str = "causal"  # causal | bidirectional (masked LM: train.objective=mlm sets it)
     initializer_range: float = 0.02
+    # Mixture of experts (moe.py): every layer's SwiGLU becomes num_experts routed experts (each token uses the
+    # top num_experts_per_tok) plus num_shared_experts that every token uses.
+    moe: bool = False
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    num_shared_experts: int = 0
+    moe_intermediate_size: int | None = None  # None: intermediate_size
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1 (top-1: weight 1)
+    router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss (0: off)
+    seq_aux: bool = True  # balancing loss per sequence, averaged (MiniMind2); false: over the whole batch
+    router_bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing, bias step per update
 
     def __post_init__(self):
         if self.intermediate_size is None and isinstance(self.hidden_size, int):
             self.intermediate_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
 
     @property
     def head_dim(self) -> int:
@@ -137,6 +151,10 @@ class TrainConfig:
     sample_tokens: int = 64
     save_every: int = 500  # 0: only at the end
     keep_checkpoints: int = 3
+    objective: str = "clm"  # clm: causal LM | fim: fill-in-the-middle | mlm: masked LM (data/objectives.py)
+    fim_rate: float = 0.5  # fim: share of documents rearranged into prefix / suffix / middle
+    fim_spm_rate: float = 0.5  # fim: share of those laid out suffix-prefix-middle (SPM) instead of PSM
+    mlm_probability: float = 0.15  # mlm: share of tokens chosen for prediction (80% masked, 10% random, 10% kept)
 
 
 @dataclass
@@ -249,6 +267,8 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
             checked[key] = _check_type(f"{section}.{key}", value, hints[key])
         sections[section] = cls(**checked)
     cfg = Config(**sections)
+    if cfg.train.objective == "mlm" and "attention" not in raw.get("model", {}):
+        cfg.model.attention = "bidirectional"  # the model's own setting, so config.toml and every tool see it
     validate(cfg)
     return cfg
 
@@ -301,6 +321,28 @@ def validate(cfg: Config) -> None:
     _require(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(t.seq_len <= m.max_position_embeddings, "train.seq_len",
              f"{t.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    if m.moe:
+        _require(m.num_experts >= 1, "model.num_experts", f"must be at least 1, got {m.num_experts}")
+        _require(1 <= m.num_experts_per_tok <= m.num_experts, "model.num_experts_per_tok",
+                 f"must be in [1, model.num_experts={m.num_experts}], got {m.num_experts_per_tok}")
+        _require(m.num_shared_experts >= 0, "model.num_shared_experts", f"must be >= 0, got {m.num_shared_experts}")
+        _require(m.moe_intermediate_size > 0, "model.moe_intermediate_size",
+                 f"must be positive, got {m.moe_intermediate_size}")
+        _require(m.router_aux_loss_coef >= 0, "model.router_aux_loss_coef",
+                 f"must be >= 0 (0 = no balancing loss), got {m.router_aux_loss_coef}")
+        _require(m.router_bias_update_rate >= 0, "model.router_bias_update_rate",
+                 f"must be >= 0 (0 = no bias balancing), got {m.router_bias_update_rate}")
+    _require(m.attention in ("causal", "bidirectional"), "model.attention",
+             f"unknown attention {m.attention!r} (causal or bidirectional)")
+    _require(t.objective in ("clm", "fim", "mlm"), "train.objective",
+             f"unknown objective {t.objective!r} (clm, fim or mlm)")
+    wanted = "bidirectional" if t.objective == "mlm" else "causal"
+    _require(m.attention == wanted, "model.attention",
+             f"train.objective={t.objective} needs {wanted} attention, got {m.attention} "
+             f"(leave model.attention unset: the objective sets it)")
+    for key in ("fim_rate", "fim_spm_rate"):
+        _require(0 <= getattr(t, key) <= 1, f"train.{key}", f"must be in [0, 1], got {getattr(t, key)}")
+    _require(0 < t.mlm_probability < 1, "train.mlm_probability", f"must be in (0, 1), got {t.mlm_probability}")
     check_device_name(t.device)
     _require(t.dtype in DTYPE_NAMES, "train.dtype", f"unknown dtype {t.dtype!r} ({', '.join(DTYPE_NAMES)})")
     _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
@@ -333,6 +375,7 @@ def validate(cfg: Config) -> None:
              "offloads FSDP shards: it needs parallel.mode=fsdp")
     _require(p.tensor_parallel >= 1, "parallel.tensor_parallel", f"must be >= 1, got {p.tensor_parallel}")
     for key, value in (("model.num_key_value_heads", m.num_key_value_heads),
-                       ("model.intermediate_size", m.intermediate_size)):
+                       ("model.intermediate_size", m.intermediate_size),
+                       ("model.moe_intermediate_size", m.moe_intermediate_size if m.moe else 0)):
         _require(value % p.tensor_parallel == 0, key,
                  f"{value} is not divisible by parallel.tensor_parallel={p.tensor_parallel} (each rank takes an equal slice)")

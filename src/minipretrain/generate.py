@@ -1,11 +1,14 @@
-"""Sampling with a KV cache: temperature, top-k, top-p, a token budget, stop at eos."""
+"""Sampling with a KV cache: temperature, top-k, top-p, a token budget, stop at eos; filling in the middle (causal
+models trained with train.objective=fim) and filling masks (masked LMs)."""
 
 from __future__ import annotations
 
 import torch
 
+from minipretrain.data.objectives import fim_prompt
 from minipretrain.errors import UserError
 from minipretrain.model import KVCache, MiniMind
+from minipretrain.tokenizer import MASK
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -68,3 +71,40 @@ def complete(model: MiniMind, tokenizer, prompt: str, max_new_tokens: int, tempe
     new = generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, use_cache,
                    generator, device)
     return prompt + tokenizer.decode(new)
+
+
+def infill(model: MiniMind, tokenizer, prefix: str, suffix: str, max_new_tokens: int, temperature: float = 0.8,
+           top_k: int | None = None, top_p: float | None = 0.95, use_cache: bool = True,
+           generator: torch.Generator | None = None, device: torch.device | str | None = None) -> str:
+    """The middle between prefix and suffix: the continuation of the PSM prompt up to eos."""
+    new = generate(model, fim_prompt(tokenizer, prefix, suffix), max_new_tokens, temperature, top_k, top_p,
+                   tokenizer.eos_id, use_cache, generator, device)
+    return tokenizer.decode(new)
+
+
+@torch.no_grad()
+def fill_mask(model: MiniMind, tokenizer, text: str, top_k: int, start_id: int,
+              device: torch.device | str = "cpu") -> tuple[str, list[list[tuple[str, float]]]]:
+    """The text with each <|mask|> replaced by its most likely token, and for each mask the top_k text tokens with
+    their probabilities. The text is one document: start_id (eos in packed rows, bos in padded ones) + text + eos.
+    A mask stands for a whole token, and byte-level BPE words carry their leading space, so " <|mask|>" is read as
+    "<|mask|>" (as RoBERTa's <mask> does)."""
+    text = text.replace(" " + MASK, MASK)
+    ids = [start_id] + tokenizer.encode(text) + [tokenizer.eos_id]
+    if len(ids) > model.config.max_position_embeddings:
+        raise UserError(f"the text's {len(ids)} tokens exceed the model's "
+                        f"max_position_embeddings={model.config.max_position_embeddings}")
+    was_training = model.training
+    model.eval()
+    logits = model(torch.tensor([ids], device=device)).logits[0].float()
+    model.train(was_training)
+    positions = [i for i, token in enumerate(ids) if token == tokenizer.mask_id]
+    scores = logits[positions]
+    scores[:, : tokenizer.first_ordinary_id] = float("-inf")  # masked LM never predicts special tokens
+    scores[:, tokenizer.vocab_size:] = float("-inf")  # nor the ids the model has beyond the tokenizer's
+    probs, top = scores.softmax(dim=-1).topk(min(top_k, tokenizer.vocab_size - tokenizer.first_ordinary_id))
+    predictions = [[(tokenizer.decode([t]), p) for t, p in zip(row_ids.tolist(), row_probs.tolist())]
+                   for row_ids, row_probs in zip(top, probs)]
+    for candidates in predictions:
+        text = text.replace(MASK, candidates[0][0], 1)
+    return text, predictions

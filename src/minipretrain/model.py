@@ -1,9 +1,12 @@
 """The MiniMind decoder, top to bottom.
 
 token ids -> tied embedding -> N x [RMSNorm -> grouped-query attention with RoPE -> residual,
-                                    RMSNorm -> SwiGLU feed-forward -> residual]
+                                    RMSNorm -> SwiGLU feed-forward (or a mixture of SwiGLU experts,
+                                    moe.py) -> residual]
           -> final RMSNorm -> logits through the (tied) embedding matrix
 Optional document masking (doc_ids): packed documents attend only within themselves and restart RoPE at 0.
+Attention is causal (a language model, labels shifted by one) or, with `attention = "bidirectional"`, sees the whole
+row (a masked LM, each position scored against its own label).
 
 Parameter names follow Hugging Face's Llama/Qwen layout (embed_tokens, layers.N.self_attn.q_proj, ...), so the
 weights map one to one onto `transformers` models. This file knows nothing about devices, precision or
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipretrain.config import ModelConfig
+from minipretrain.moe import MoEFeedForward, active_parameters
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -31,6 +35,7 @@ except ImportError:  # a torch without FlexAttention: document masks go through 
 class LMOutput(NamedTuple):
     logits: torch.Tensor  # (batch, seq, vocab)
     loss: torch.Tensor | None  # mean cross-entropy over labels != -100
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (training mode), to add to loss for backward
 
 
 class RMSNorm(nn.Module):
@@ -72,22 +77,29 @@ def document_runs(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return starts.cumsum(dim=1), index - run_start
 
 
-def document_mask_mod(run: torch.Tensor):
-    """FlexAttention mask_mod: query q sees key k when k is not in the future and both lie in the same run.
-    Called with broadcastable index tensors it also builds the dense mask (see dense_document_mask)."""
+def document_mask_mod(run: torch.Tensor, causal: bool = True):
+    """FlexAttention mask_mod: query q sees key k when both lie in the same run (and, if causal, k is not in the
+    future). Called with broadcastable index tensors it also builds the dense mask (see dense_document_mask)."""
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (run[b, q_idx] == run[b, kv_idx])
+        same_run = run[b, q_idx] == run[b, kv_idx]
+        return (kv_idx <= q_idx) & same_run if causal else same_run
 
     return mask_mod
 
 
-def dense_document_mask(run: torch.Tensor) -> torch.Tensor:
+def dense_document_mask(run: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """The boolean (batch, 1, seq, seq) mask for SDPA, True where attention is allowed."""
     batch, seq = run.shape
     i = torch.arange(seq, device=run.device)
     b = torch.arange(batch, device=run.device).view(batch, 1, 1, 1)
-    return document_mask_mod(run)(b, 0, i.view(1, 1, seq, 1), i.view(1, 1, 1, seq))
+    return document_mask_mod(run, causal)(b, 0, i.view(1, 1, seq, 1), i.view(1, 1, 1, seq))
+
+
+def prediction_targets(labels: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """The label each position is scored against: the next position's for a causal LM (the last position predicts
+    nothing), its own for a bidirectional masked LM. Shifting the labels, not the logits, never copies the logits."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100) if causal else labels
 
 
 def attention_backend(device: torch.device | str, head_dim: int) -> str:
@@ -139,10 +151,11 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
+        self.causal = cfg.attention == "causal"
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, doc_mask=None):
-        """doc_mask: None (plain causal), a boolean (batch, 1, seq, seq) mask for SDPA, or a FlexAttention
-        BlockMask."""
+        """doc_mask: None (plain causal, or no mask at all when bidirectional), a boolean (batch, 1, seq, seq) mask
+        for SDPA, or a FlexAttention BlockMask."""
         batch, seq, _ = x.shape
         # Head counts come from the projections' widths, so a tensor-parallel shard (a slice of the heads)
         # runs this same code.
@@ -164,7 +177,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         # Without history the mask is plain causal; one new token sees everything; a chunk after history
         # sees the history plus the causal part of itself.
-        mask, causal = None, seq > 1
+        mask, causal = None, self.causal and seq > 1
         if past and seq > 1:
             mask = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(diagonal=past)
             causal = False
@@ -188,11 +201,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -204,7 +217,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = FeedForward(cfg)
+        if cfg.moe:  # the experts are SwiGLUs like the dense one, each moe_intermediate_size wide
+            self.mlp = MoEFeedForward(cfg, make_expert=lambda width: FeedForward(cfg.hidden_size, width))
+        else:
+            self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache=None, doc_mask=None):
@@ -220,6 +236,7 @@ class MiniMind(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.causal = cfg.attention == "causal"
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
@@ -250,19 +267,25 @@ class MiniMind(nn.Module):
         if self.attention_backend_for(run.device) == "flex":
             batch, seq = run.shape
             build = compiled(create_block_mask) if run.is_cuda else create_block_mask
-            return build(document_mask_mod(run), batch, None, seq, seq, device=run.device)
-        return dense_document_mask(run)
+            return build(document_mask_mod(run, self.causal), batch, None, seq, seq, device=run.device)
+        return dense_document_mask(run, self.causal)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
 
+    def num_active_parameters(self) -> int:
+        """Parameters each token passes through (the total for a dense model)."""
+        return active_parameters(self, self.num_parameters())
+
     def forward(self, input_ids, labels=None, cache: KVCache | None = None, doc_ids=None) -> LMOutput:
-        """input_ids: (batch, seq). labels: same shape, aligned with input_ids (the shift happens here),
-        -100 where no loss is wanted. With a cache, positions continue after what it holds. doc_ids: optional
-        (batch, seq) integers, equal within each contiguous document: attention stays inside a document and
-        positions restart at 0 at each document start."""
+        """input_ids: (batch, seq). labels: same shape, aligned with input_ids (a causal model shifts them here,
+        see prediction_targets), -100 where no loss is wanted. With a cache, positions continue after what it holds.
+        doc_ids: optional (batch, seq) integers, equal within each contiguous document: attention stays inside a
+        document and positions restart at 0 at each document start."""
         if doc_ids is not None and cache is not None:
             raise ValueError("doc_ids and cache cannot be used together")
+        if cache is not None and not self.causal:
+            raise ValueError("a KV cache needs causal attention: bidirectional attention recomputes every position")
         if doc_ids is not None and doc_ids.shape != input_ids.shape:
             raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         start = cache.length if cache is not None else 0
@@ -281,10 +304,12 @@ class MiniMind(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, cache, doc_mask)
         logits = self.lm_head(self.norm(x))
+        aux_losses = [b.mlp.aux_loss for b in self.layers
+                      if self.training and isinstance(b.mlp, MoEFeedForward) and b.mlp.aux_loss is not None]
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
         loss = None
         if labels is not None:
-            # Shift the labels rather than the logits: the big logits tensor is never copied.
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+            targets = prediction_targets(labels, self.causal)
             total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
             loss = total / (targets != -100).sum().clamp(min=1)  # a row of only padding gives 0, not nan
-        return LMOutput(logits, loss)
+        return LMOutput(logits, loss, aux_loss)

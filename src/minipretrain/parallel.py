@@ -149,12 +149,22 @@ def _join(cfg: ParallelConfig, device: torch.device, rank: int, size: int, store
 
 # Tensor parallelism (Megatron style): q/k/v and gate/up split their outputs (whole heads, slices of the SwiGLU
 # width), o and down split their inputs and sum across ranks. Embedding, norms and the tied head stay replicated.
-def _tensor_parallel_plan():
+# A mixture of experts splits every expert (routed and shared) like the dense SwiGLU; its router stays replicated,
+# so every tensor-parallel rank routes the same tokens to the same experts.
+_COLUMN_WISE, _ROW_WISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), ("o_proj", "down_proj")
+
+
+def _tensor_parallel_plan(block: torch.nn.Module) -> dict:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    return {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
-            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+    plan = {}
+    for name, _ in block.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in _COLUMN_WISE:
+            plan[name] = ColwiseParallel()
+        elif leaf in _ROW_WISE:
+            plan[name] = RowwiseParallel()
+    return plan
 
 
 def fsdp_options(cfg: ParallelConfig, amp_dtype: torch.dtype) -> dict:
@@ -186,7 +196,7 @@ def parallelize(model: torch.nn.Module, world: World, cfg: ParallelConfig, amp_d
         from torch.distributed.tensor.parallel import parallelize_module
 
         for block in model.layers:
-            parallelize_module(block, world.mesh["tp"], _tensor_parallel_plan())
+            parallelize_module(block, world.mesh["tp"], _tensor_parallel_plan(block))
     if cfg.mode == "fsdp" and (world.dp_size > 1 or cfg.cpu_offload):
         from torch.distributed.fsdp import fully_shard
 

@@ -3,12 +3,14 @@
     rows    = PackedRows(shards, seq_len, document_mask=True)   # or PaddedRows(shards, seq_len, bos_id)
     sampler = MixtureSampler([("en", rows_en), ("zh", rows_zh)], weights=[0.7, 0.3], seed=1337)
     batch   = sampler.next_batch(batch_size, rank=0, world=1)    # Batch(inputs, labels, doc_ids)
+    sampler = MixtureSampler(..., objective=FillInTheMiddle(tokenizer))   # each row through an objective
 
 `packed` cuts the stream doc0 eos doc1 eos ... into rows of seq_len: no position is padding. With document masking
 each row also carries doc_ids, so attention stays inside a document and positions restart at each one; the label
 of a document's first token is -100 (nothing before it in its own document predicts it).
 `padded` is MiniMind's layout: one document per row, bos + text + eos, truncated, padded, labels -100 on padding.
-Labels are aligned with input_ids; the model shifts them.
+Labels are aligned with input_ids; a causal model shifts them. An objective (objectives.py) transforms each
+example before batching: the sampler keys it by (seed, source, draw), ObjectiveRows (evaluation) by row.
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from minipretrain.data.objectives import IGNORE, CausalLM
 from minipretrain.errors import DataError
-
-IGNORE = -100
 
 
 class Batch(NamedTuple):
@@ -32,19 +33,24 @@ class Batch(NamedTuple):
         return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in self))
 
 
-def _to_batch(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], seq_len: int, pad_id: int) -> Batch:
+def _to_batch(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], seq_len: int, pad_id: int,
+              padding_alone: bool = False) -> Batch:
     """Rows of (tokens, labels, doc_ids) into tensors of shape (len(rows), seq_len); short rows are padded with
-    pad_id and labels -100 (padding continues the last document, and only ever attends to it)."""
+    pad_id and labels -100. Padding is a document of its own, so no real token attends to it. padding_alone (for
+    bidirectional attention, where earlier tokens would see it): a batch with padding gets doc_ids even when its
+    rows have none."""
     inputs = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
     labels = np.full((len(rows), seq_len), IGNORE, dtype=np.int64)
-    with_docs = rows[0][2] is not None
+    padded = any(len(tokens) < seq_len for tokens, _, _ in rows)
+    with_docs = rows[0][2] is not None or (padding_alone and padded)
     doc_ids = np.zeros((len(rows), seq_len), dtype=np.int64) if with_docs else None
     for r, (tokens, row_labels, row_docs) in enumerate(rows):
         inputs[r, : len(tokens)] = tokens
         labels[r, : len(tokens)] = row_labels
         if with_docs:
-            doc_ids[r, : len(tokens)] = row_docs
-            doc_ids[r, len(tokens):] = row_docs[-1] if len(tokens) else 0
+            if row_docs is not None:
+                doc_ids[r, : len(tokens)] = row_docs
+            doc_ids[r, len(tokens):] = doc_ids[r, len(tokens) - 1] + 1 if len(tokens) else 0
     return Batch(torch.from_numpy(inputs), torch.from_numpy(labels),
                  torch.from_numpy(doc_ids) if with_docs else None)
 
@@ -55,6 +61,7 @@ class _Rows:
     seq_len: int
     pad_id: int
     num_rows: int
+    padding_alone = False  # see _to_batch
 
     def __len__(self):
         return self.num_rows
@@ -63,7 +70,7 @@ class _Rows:
         raise NotImplementedError
 
     def get(self, indices) -> Batch:
-        return _to_batch([self.example(int(i)) for i in indices], self.seq_len, self.pad_id)
+        return _to_batch([self.example(int(i)) for i in indices], self.seq_len, self.pad_id, self.padding_alone)
 
 
 class PackedRows(_Rows):
@@ -108,6 +115,18 @@ def make_rows(stream, layout: str, seq_len: int, tokenizer, document_mask: bool 
     return PackedRows(stream, seq_len, tokenizer.pad_id, keep_partial=for_eval, document_mask=document_mask)
 
 
+class ObjectiveRows(_Rows):
+    """Evaluation rows under an objective (objectives.py): row i is transformed with key (seed, i)."""
+
+    def __init__(self, rows: _Rows, objective, seed: int):
+        self.rows, self.objective, self.seed = rows, objective, seed
+        self.seq_len, self.pad_id, self.num_rows = rows.seq_len, rows.pad_id, len(rows)
+        self.padding_alone = objective.bidirectional
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        return self.objective(self.rows.example(i), (self.seed, i))
+
+
 class MixtureSampler:
     """Endless, deterministic batches from weighted sources. The whole position is a few integers: how many rows
     were drawn from each source. So resuming is O(1) and reads nothing it skips.
@@ -116,10 +135,11 @@ class MixtureSampler:
     largest), so every prefix of the sequence matches the weights to within one row per source. A source's j-th
     row is its (j mod n)-th row in the permutation (seed, source, epoch = j div n): a source that runs out starts a
     new epoch with a new shuffle. The global sequence does not depend on how many data-parallel ranks consume it:
-    each step, rank r of `world` takes its slice of the next world * batch_size samples."""
+    each step, rank r of `world` takes its slice of the next world * batch_size samples. The objective transforms
+    a source's j-th row with key (seed, source, j): a pure function of the position, so it resumes with it."""
 
     def __init__(self, sources: list[tuple[str, _Rows]], weights: list[float], seed: int,
-                 fingerprints: list[str] | None = None):
+                 fingerprints: list[str] | None = None, objective=None):
         if not sources:
             raise DataError("no data sources")
         for name, rows in sources:
@@ -133,6 +153,7 @@ class MixtureSampler:
         self.fingerprints = fingerprints or [""] * len(sources)  # identify each source's tokens, for resume
         self.drawn = [0] * len(sources)
         self._orders: dict[int, tuple[int, np.ndarray]] = {}
+        self.objective = objective or CausalLM()
 
     @property
     def consumed(self) -> int:
@@ -147,20 +168,22 @@ class MixtureSampler:
             self._orders[source] = cached = (epoch, order)
         return int(cached[1][j % n])
 
-    def next_samples(self, count: int) -> list[tuple[int, int]]:
-        """The next `count` samples of the global sequence as (source, row)."""
+    def next_samples(self, count: int) -> list[tuple[int, int, int]]:
+        """The next `count` samples of the global sequence as (source, row, draw): the draw-th row of that source."""
         out = []
         for _ in range(count):
             behind = self.weights * (self.consumed + 1) - np.asarray(self.drawn)
             source = int(np.argmax(behind))
-            out.append((source, self._row_of(source, self.drawn[source])))
+            draw = self.drawn[source]
+            out.append((source, self._row_of(source, draw), draw))
             self.drawn[source] += 1
         return out
 
     def next_batch(self, batch_size: int, rank: int = 0, world: int = 1) -> Batch:
         samples = self.next_samples(batch_size * world)[rank * batch_size : (rank + 1) * batch_size]
-        examples = [self.rows[source].example(row) for source, row in samples]
-        return _to_batch(examples, self.rows[0].seq_len, self.rows[0].pad_id)
+        examples = [self.objective(self.rows[source].example(row), (self.seed, source, draw))
+                    for source, row, draw in samples]
+        return _to_batch(examples, self.rows[0].seq_len, self.rows[0].pad_id, self.objective.bidirectional)
 
     def tokens_by_source(self) -> dict[str, int]:
         """Row positions drawn from each source so far (all ranks together)."""

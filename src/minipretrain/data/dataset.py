@@ -4,6 +4,7 @@ and the validation rows.
     data = load_run_data(cfg, run_dir, checkpoint_tokenizer=None, log=print)
     batch = data.sampler.next_batch(cfg.train.batch_size)
     data.val_sets      # {source name: rows} for per-source validation loss
+    data.fim_val_sets  # {source name: rows} scored on their middles (fim runs only)
 
 A source that is a prepared directory (`minipretrain data prepare`) is used in place; a raw file, directory, glob or
 built-in corpus is prepared on the fly into `<run_dir>/data/<name>/` (a no-op when that is already up to date).
@@ -16,7 +17,8 @@ from itertools import chain
 from pathlib import Path
 
 from minipretrain.config import Config, DataConfig, SourceConfig, source_name
-from minipretrain.data.batches import MixtureSampler, make_rows
+from minipretrain.data.batches import MixtureSampler, ObjectiveRows, make_rows
+from minipretrain.data.objectives import EVAL_SEED, fim_middles, make_objective, validation_objective
 from minipretrain.data.shards import PrepareOptions, PreparedData, default_workers, is_held_out, is_prepared, prepare
 from minipretrain.data.sources import ReadStats, iter_documents
 from minipretrain.errors import CheckpointError, ConfigError, DataError, UserError
@@ -30,6 +32,7 @@ class RunData:
     tokenizer: Tokenizer
     sampler: MixtureSampler
     val_sets: dict  # source name -> rows for evaluation
+    fim_val_sets: dict  # source name -> the same rows with every document in PSM, scored on the middle (fim runs)
 
 
 def _held_out_fraction(d: DataConfig) -> float:
@@ -41,6 +44,27 @@ def _raw_train_documents(source: SourceConfig, d: DataConfig):
     """A raw source's training documents, exactly those `prepare` puts in the train split."""
     docs = iter_documents(source.path, d.text_field, d.skip_bad_lines, ReadStats())
     return (text for i, text in enumerate(docs) if not is_held_out(i, _held_out_fraction(d)))
+
+
+def _given_tokenizer(d: DataConfig, log=lambda message: None) -> Tokenizer | None:
+    """data.tokenizer, else the one stored with the first prepared source; None when none is given."""
+    if d.tokenizer:
+        return Tokenizer.load(d.tokenizer)
+    prepared = [s for s in d.mixture() if is_prepared(s.path)]
+    if prepared:
+        log(f"using the tokenizer stored with {prepared[0].path}")
+        return Tokenizer.load(Path(prepared[0].path) / "tokenizer")
+    return None
+
+
+def check_objective_tokenizer(cfg: Config) -> None:
+    """Before a new run touches its directory: the given tokenizer has the special tokens train.objective needs
+    (a tokenizer trained for the run always has them)."""
+    if cfg.train.objective == "clm":
+        return
+    tokenizer = _given_tokenizer(cfg.data)
+    if tokenizer is not None:
+        make_objective(cfg.train, tokenizer)
 
 
 def choose_tokenizer(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | None, log) -> Tokenizer:
@@ -55,15 +79,11 @@ def choose_tokenizer(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer
                     f"cannot resume with another tokenizer: data.tokenizer={d.tokenizer} has fingerprint "
                     f"{wanted.fingerprint}, the checkpoint's is {checkpoint_tokenizer.fingerprint}")
         return checkpoint_tokenizer
-    if d.tokenizer:
-        return Tokenizer.load(d.tokenizer)
-    mixture = d.mixture()
-    prepared = [s for s in mixture if is_prepared(s.path)]
-    if prepared:
-        log(f"using the tokenizer stored with {prepared[0].path}")
-        return Tokenizer.load(Path(prepared[0].path) / "tokenizer")
+    given = _given_tokenizer(d, log)
+    if given is not None:
+        return given
     log(f"training a {cfg.model.vocab_size}-token BPE tokenizer on the training documents")
-    texts = chain.from_iterable(_raw_train_documents(s, d) for s in mixture)
+    texts = chain.from_iterable(_raw_train_documents(s, d) for s in d.mixture())
     tokenizer = train_tokenizer(texts, cfg.model.vocab_size, show_progress=False)
     tokenizer.save(run_dir / "tokenizer")
     return tokenizer
@@ -93,6 +113,7 @@ def load_run_data(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | 
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens: raise model.vocab_size or use a smaller tokenizer")
+    objective = make_objective(cfg.train, tokenizer)  # before preparing data: a tokenizer without FIM tokens fails now
     val_fraction = _held_out_fraction(d)
     mixture = d.mixture()
     train_sources, val_sets, fingerprints = [], {}, []
@@ -128,5 +149,10 @@ def load_run_data(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | 
         val = data.split("val") or data.split("train")
         val_sets[name] = make_rows(val, d.layout, seq_len, tokenizer, d.document_mask, for_eval=True)
         log(f"validation {d.val_path}: {val.num_documents:,} documents, {val.num_tokens:,} tokens")
-    sampler = MixtureSampler(train_sources, [s.weight for s in mixture], cfg.train.seed, fingerprints=fingerprints)
-    return RunData(tokenizer, sampler, val_sets)
+    sampler = MixtureSampler(train_sources, [s.weight for s in mixture], cfg.train.seed, fingerprints=fingerprints,
+                             objective=objective)
+    scored = validation_objective(objective)
+    fim_val_sets = ({name: ObjectiveRows(rows, fim_middles(tokenizer), EVAL_SEED) for name, rows in val_sets.items()}
+                    if objective.name == "fim" else {})
+    val_sets = {name: ObjectiveRows(rows, scored, EVAL_SEED) for name, rows in val_sets.items()}
+    return RunData(tokenizer, sampler, val_sets, fim_val_sets)

@@ -23,11 +23,12 @@ import torch
 from tqdm import tqdm
 
 from minipretrain.config import Config, ModelConfig
-from minipretrain.data.dataset import RUN_DATA_DIR, load_run_data
+from minipretrain.data.dataset import RUN_DATA_DIR, check_objective_tokenizer, load_run_data
 from minipretrain.errors import CheckpointError, UserError
 from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.generate import complete
-from minipretrain.model import MiniMind
+from minipretrain import moe
+from minipretrain.model import MiniMind, prediction_targets
 from minipretrain.parallel import (World, check_parallel_precision, clip_grad_norm, gradient_sync, init_distributed,
                                   parallelize)
 from minipretrain.precision import (configure_device, load_scaler_state, mixed_precision, request_deterministic_cublas,
@@ -93,24 +94,30 @@ def _rewind_samples(path: Path, step: int) -> None:
     path.write_text("".join("--- step " + b for b in kept), encoding="utf-8")
 
 
-def accumulate_gradients(step_model, micro_batches, autocast, scaler, world: World = World()) -> float:
-    """Forward and backward over this rank's micro-batches of a step; returns the step's mean loss over all ranks.
+def accumulate_gradients(step_model, micro_batches, autocast, scaler, world: World = World(),
+                         causal: bool = True) -> tuple[float, float]:
+    """Forward and backward over this rank's micro-batches of a step; returns the step's mean loss over all ranks
+    and its MoE balancing loss (0 for a dense model).
 
-    Each micro-batch is weighted by its share of the global step's predicted tokens, so accumulating over
-    micro-steps and ranks equals one big batch even when padding makes micro-batches unequal."""
-    counts = [int((batch.labels[:, 1:] != -100).sum()) for batch in micro_batches]
-    total_count = max(world.sum_over_dp([sum(counts)])[0], 1)
-    step_loss = 0.0
+    Each micro-batch is weighted by its share of the global step's predicted tokens (the balancing loss, a mean
+    over sequences, by its share of rows), so accumulating over micro-steps and ranks equals one big batch even
+    when padding makes micro-batches unequal. `causal`: the model's attention, which decides what it predicts."""
+    counts = [int((prediction_targets(batch.labels, causal) != -100).sum()) for batch in micro_batches]
+    total_count, total_rows = world.sum_over_dp([sum(counts), sum(len(batch.inputs) for batch in micro_batches)])
+    step_loss = step_aux = 0.0
     for i, (batch, count) in enumerate(zip(micro_batches, counts)):
         batch = batch.to(world.device)
         with gradient_sync(step_model, last_micro_step=i == len(micro_batches) - 1):
             with autocast:
-                loss = step_model(batch.inputs, labels=batch.labels, doc_ids=batch.doc_ids).loss * (count / total_count)
+                out = step_model(batch.inputs, labels=batch.labels, doc_ids=batch.doc_ids)
+                loss = out.loss * (count / max(total_count, 1))
+                aux = out.aux_loss * (len(batch.inputs) / total_rows) if out.aux_loss is not None else None
             # DDP and FSDP average gradients over the data-parallel ranks: scaling by their number turns that
             # average into the sum, i.e. the mean over every predicted token of the global batch.
-            scaler.scale(loss * world.dp_size).backward()
+            scaler.scale((loss if aux is None else loss + aux) * world.dp_size).backward()
         step_loss += loss.item()
-    return world.sum_over_dp([step_loss])[0]
+        step_aux += aux.item() if aux is not None else 0.0
+    return tuple(world.sum_over_dp([step_loss, step_aux]))
 
 
 def apply_gradients(model, optimizer, scaler, grad_clip: float) -> float:
@@ -155,6 +162,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     precision = resolve_precision(t.dtype, device)  # before the run directory is touched: a refusal loses nothing
     amp_dtype = precision.dtype
     check_parallel_precision(world, cfg.parallel, amp_dtype)
+    if not resume:
+        check_objective_tokenizer(cfg)  # also before the run directory is touched
     ckpt = world.broadcast(_prepare_run_dir(run_dir, resume, overwrite) if main else None)
     state = None
     if ckpt is not None:
@@ -166,7 +175,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     seed_everything(t.seed)  # the same initial weights on every rank
 
     data = _load_data(cfg, run_dir, Tokenizer.load(ckpt) if ckpt else None, show_progress, say, world)
-    tokenizer, batches, val_sets = data.tokenizer, data.sampler, data.val_sets
+    tokenizer, batches, val_sets, fim_val_sets = data.tokenizer, data.sampler, data.val_sets, data.fim_val_sets
     if main:
         (run_dir / "config.toml").write_text(cfg.to_toml())
 
@@ -177,7 +186,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     layout = (f"; {world.size} processes, {cfg.parallel.mode if world.dp_size > 1 else 'no'} data parallel x "
               f"{world.dp_size}, tensor parallel x {world.tp_size}" if world.size > 1
               else "; FSDP2 offloading to the CPU in one process" if world.distributed else "")
-    say(f"model: {model.num_parameters() / 1e6:.2f}M parameters on {device.type} "
+    total, active = model.num_parameters(), model.num_active_parameters()
+    size = f"{total / 1e6:.2f}M parameters" + (f" ({active / 1e6:.2f}M active per token)" if active < total else "")
+    say(f"model: {size} on {device.type} "
         f"({precision.name}; {precision.reason}){layout}")
     optimizer = build_optimizer(model, cfg.optim, device.type)
     autocast, scaler = mixed_precision(device, amp_dtype)
@@ -211,23 +222,36 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
         return ckpt_io.save_checkpoint(run_dir, step, model, optimizer, cfg, tokenizer, train_state,
                                        t.keep_checkpoints, world)
 
-    def validate():  # every rank evaluates (FSDP and tensor-parallel forwards are collective); rank 0 reports
-        by_source = {name: evaluate(model, rows, t.batch_size, token_bytes, t.eval_batches, str(device), autocast,
-                                    world=world) for name, rows in val_sets.items()}
+    def evaluate_sets(sets: dict) -> dict:
+        return {name: evaluate(model, rows, t.batch_size, token_bytes, t.eval_batches, str(device), autocast,
+                               world=world) for name, rows in sets.items()}
+
+    def validate() -> dict:  # every rank evaluates (FSDP and tensor-parallel forwards are collective); rank 0 reports
+        by_source = evaluate_sets(val_sets)
         result = combine_results(list(by_source.values()))
-        record = {"step": step, "val_loss": result["loss"], "val_bpb": result["bits_per_byte"],
-                  "val_perplexity": result["perplexity"]}
+        record = {"step": step, "val_loss": result["loss"], "val_perplexity": result["perplexity"]}
+        if model.causal:  # bits per byte: a compression rate, which only a left-to-right loss is
+            record["val_bpb"] = result["bits_per_byte"]
+            scores = f"ppl {result['perplexity']:.2f}, {result['bits_per_byte']:.4f} bits/byte"
+        else:  # masked LM: loss, perplexity and accuracy on the chosen tokens
+            record["val_accuracy"] = result["accuracy"]
+            scores = f"ppl {result['perplexity']:.2f}, accuracy {result['accuracy']:.4f} on masked tokens"
+        if fim_val_sets:
+            record["val_fim_loss"] = combine_results(list(evaluate_sets(fim_val_sets).values()))["loss"]
+            scores += f"; loss on middles {record['val_fim_loss']:.4f}"
         per_source = ""
         if len(by_source) > 1:
             record["val_loss_by_source"] = {name: r["loss"] for name, r in by_source.items()}
             per_source = " (" + ", ".join(f"{name} {r['loss']:.4f}" for name, r in by_source.items()) + ")"
         if main:
             metrics.write(record)
-        say(f"step {step}: val loss {result['loss']:.4f}{per_source}, ppl {result['perplexity']:.2f}, "
-            f"{result['bits_per_byte']:.4f} bits/byte")
-        return result
+        say(f"step {step}: val loss {result['loss']:.4f}{per_source}, {scores}")
+        return record
 
     def sample():
+        if not model.causal:
+            say(f"step {step}: no sample: a masked LM does not generate text (`minipretrain fill-mask` fills masks)")
+            return None
         generator = torch.Generator(device=device).manual_seed(t.seed)  # never touches the training RNG
         with autocast:
             text = complete(model, tokenizer, t.sample_prompt, t.sample_tokens, generator=generator, device=device)
@@ -258,11 +282,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
                 group["lr"] = lr
             micro_batches = [batches.next_batch(t.batch_size, world.dp_rank, world.dp_size)
                              for _ in range(t.grad_accum)]
-            step_loss = accumulate_gradients(step_model, micro_batches, autocast, scaler, world)
+            step_loss, aux_loss = accumulate_gradients(step_model, micro_batches, autocast, scaler, world, model.causal)
             if not math.isfinite(step_loss):
                 raise UserError(f"loss is {step_loss} at step {step + 1}: training diverged; lower optim.lr or "
                                 f"raise optim.warmup_steps, then resume from the last checkpoint with --resume")
             grad_norm = apply_gradients(model, optimizer, scaler, cfg.optim.grad_clip)
+            balance = moe.end_of_step(model, world, cfg.model.router_bias_update_rate)  # None for dense models
             step += 1
             tokens += tokens_per_step
             losses.append(step_loss)
@@ -276,6 +301,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
                 tokens_per_s = window_steps * tokens_per_step / max(window_time, 1e-9)
                 record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                           "elapsed": round(elapsed(), 3), "tokens_per_s": round(tokens_per_s, 1)}
+                if balance is not None:
+                    record.update(aux_loss=aux_loss, expert_balance=round(balance, 4))
                 if len(batches.names) > 1:
                     record["tokens_by_source"] = batches.tokens_by_source()
                 if main:
@@ -300,11 +327,14 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
         "steps": step, "tokens": tokens, "elapsed_s": round(total_time, 1),
         "tokens_per_s": round((step - first_step) * tokens_per_step / max(session_time, 1e-9), 1),
         "final_train_loss": float(np.mean(losses[-10:])) if losses else None,
-        "first_val_loss": first_val["loss"] if first_val else None,
-        "final_val_loss": last_val["loss"] if last_val else None,
-        "final_val_bpb": last_val["bits_per_byte"] if last_val else None,
+        "first_val_loss": first_val["val_loss"] if first_val else None,
+        "final_val_loss": last_val["val_loss"] if last_val else None,
+        "final_val_bpb": last_val.get("val_bpb") if last_val else None,
         "checkpoint": str(final_ckpt), "sample": sample_text,
     }
+    for key in ("val_accuracy", "val_fim_loss"):  # masked LM, fill-in-the-middle
+        if last_val and key in last_val:
+            summary[f"final_{key}"] = last_val[key]
     if not main:
         return summary
     metrics.close()
