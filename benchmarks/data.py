@@ -31,7 +31,7 @@ import torch
 
 from minipretrain.config import load_config
 from minipretrain.data.batches import MixtureSampler, make_rows
-from minipretrain.data.shards import PrepareOptions, PreparedData, prepare
+from minipretrain.data.shards import PreparedData, PrepareOptions, prepare
 from minipretrain.data.sources import iter_documents
 from minipretrain.model import MiniMind
 from minipretrain.precision import mixed_precision

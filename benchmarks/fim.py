@@ -170,6 +170,12 @@ def prepare_corpus(path: Path, out: Path, vocab_size: int, val_fraction: float, 
     return out
 
 
+def run_overrides(steps: int, seed: int, extra: list[str] = ()) -> list[str]:
+    """The --set values of both runs: configs/tiny.toml for `steps`, validating and saving only at the end."""
+    return [f"train.max_steps={steps}", f"train.seed={seed}", "train.eval_every=0", "train.eval_batches=8",
+            "train.sample_every=0", "train.save_every=0", *extra]
+
+
 def train_both(prepared: Path, runs: Path, overrides: list[str], config: str = "configs/tiny.toml") -> dict:
     """Train clm and fim with the same everything else; {objective: summary}. A finished run of the same config
     already in `runs` (its summary.json written) is reused."""
@@ -237,8 +243,7 @@ def main() -> None:
         prepared = root / "data"
         if not (prepared / "manifest.json").is_file():
             prepare_corpus(data, prepared, 4096, args.val_fraction, args.tokenizer_chars)
-        overrides = [f"train.max_steps={args.steps}", f"train.seed={args.seed}", "train.eval_every=0",
-                     "train.eval_batches=8", "train.sample_every=0", "train.save_every=0", *args.set]
+        overrides = run_overrides(args.steps, args.seed, args.set)
         summaries = train_both(prepared, root, overrides)
         functions = held_out_functions(data, args.val_fraction, args.max_chars, args.functions, args.seed)
         scores = compare(root, functions, args.seed)

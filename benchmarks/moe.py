@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import Trainer, cpu_description, make_optimizer, run_interleaved, warn_if_busy, write_result  # noqa: E402,E501
+from throughput import Trainer, cpu_description, make_optimizer, run_interleaved, warn_if_busy, write_result
 
-from minipretrain.config import DTYPE_NAMES, load_config  # noqa: E402
-from minipretrain.data.batches import Batch  # noqa: E402
-from minipretrain.errors import UserError  # noqa: E402
-from minipretrain.model import FeedForward, MiniMind  # noqa: E402
-from minipretrain.moe import MoEFeedForward  # noqa: E402
-from minipretrain.parallel import resolve_device  # noqa: E402
-from minipretrain.precision import configure_device, mixed_precision, resolve_precision  # noqa: E402
-from minipretrain.train.loop import seed_everything  # noqa: E402
+from minipretrain.config import DTYPE_NAMES, load_config
+from minipretrain.data.batches import Batch
+from minipretrain.errors import UserError
+from minipretrain.model import FeedForward, MiniMind
+from minipretrain.moe import MoEFeedForward
+from minipretrain.parallel import resolve_device
+from minipretrain.precision import configure_device, mixed_precision, resolve_precision
+from minipretrain.train.loop import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BF16_TOLERANCE, DEVICES, data_overrides, step_losses, tiny_config, tiny_model_config
+
 from minipretrain.data.batches import Batch
 from minipretrain.generate import generate
 from minipretrain.model import KVCache, MiniMind

@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import BF16_TOLERANCE, assert_cli_errors, tiny_config
+
 from minipretrain.errors import CheckpointError, ConfigError
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.loop import train

@@ -1,10 +1,9 @@
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from minipretrain.generate import generate, sample_next
 from minipretrain.model import KVCache, MiniMind
-
-from conftest import tiny_model_config
 
 
 @pytest.fixture
@@ -131,7 +130,7 @@ def test_evaluate_bits_per_byte_counts_the_bytes_of_predicted_tokens(tmp_path):
     import math
 
     from minipretrain.data.batches import make_rows
-    from minipretrain.data.shards import PrepareOptions, PreparedData, prepare
+    from minipretrain.data.shards import PreparedData, PrepareOptions, prepare
     from minipretrain.evaluate import evaluate, token_byte_lengths
     from minipretrain.tokenizer import train_tokenizer
 

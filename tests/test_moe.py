@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import DEVICES, assert_cli_errors, step_losses, tiny_config, tiny_model_config
+
 from minipretrain.errors import ConfigError
 from minipretrain.model import FeedForward, MiniMind
 from minipretrain.moe import MoEFeedForward, balancing_loss, end_of_step, expert_balance

@@ -14,14 +14,30 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    TINY_MODEL,
+    assert_cli_errors,
+    data_overrides,
+    shared_file,
+    step_losses,
+    tiny_config,
+    tiny_model_config,
+)
 
-from conftest import (TINY_MODEL, assert_cli_errors, data_overrides, shared_file, step_losses, tiny_config,
-                      tiny_model_config)
 from minipretrain.config import load_config
 from minipretrain.data.batches import IGNORE, MixtureSampler, ObjectiveRows, PackedRows, PaddedRows
-from minipretrain.data.objectives import (MIDDLE, PAD, PREFIX, SENTINEL, SUFFIX, FillInTheMiddle, MaskedLM,
-                                          fim_layout, text_segments)
-from minipretrain.data.shards import PrepareOptions, PreparedData, prepare
+from minipretrain.data.objectives import (
+    MIDDLE,
+    PAD,
+    PREFIX,
+    SENTINEL,
+    SUFFIX,
+    FillInTheMiddle,
+    MaskedLM,
+    fim_layout,
+    text_segments,
+)
+from minipretrain.data.shards import PreparedData, PrepareOptions, prepare
 from minipretrain.data.sources import iter_documents
 from minipretrain.errors import ConfigError, UserError
 from minipretrain.evaluate import evaluate, token_byte_lengths
@@ -495,9 +511,6 @@ def _fim_benchmark():
     return module
 
 
-# The tiny preset, shortened: 150 steps of 8 x 256 tokens (~1.2M tokens, ~1 minute per run on 2 cores).
-FIM_TEST_OVERRIDES = ["train.max_steps=150", "train.batch_size=8", "optim.warmup_steps=10", "train.eval_every=0",
-                      "train.eval_batches=4", "train.sample_every=0", "train.save_every=0", "train.sample_tokens=8"]
 
 
 @pytest.mark.slow
@@ -509,7 +522,10 @@ def test_fim_beats_clm_at_infilling_held_out_functions(tmp_path):
     code = shared_file("cpython-3.11.7-stdlib-code.jsonl")
     bench = _fim_benchmark()
     prepared = bench.prepare_corpus(code, tmp_path / "data", 4096, 0.05, 4_000_000)
-    bench.train_both(prepared, tmp_path, FIM_TEST_OVERRIDES)
+    # the tiny preset, shortened: 150 steps of 8 x 256 tokens (300k tokens, under a minute per run on 2 cores);
+    # `python benchmarks/fim.py --steps 150 --set train.batch_size=8 --set optim.warmup_steps=10` trains the same runs
+    overrides = bench.run_overrides(150, 1337, ["train.batch_size=8", "optim.warmup_steps=10"])
+    bench.train_both(prepared, tmp_path, overrides)
     functions = bench.held_out_functions(code, 0.05, 400, 100, seed=1337)
     scores = bench.compare(tmp_path, functions, seed=1337, layouts=("clm", "fim"), cuts_per_function=2)
     clm, fim = scores["clm"], scores["fim"]

@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import BF16_TOLERANCE, assert_cli_errors, data_overrides, step_losses, tiny_config, tiny_model_config
+
 from minipretrain import precision as precision_module
 from minipretrain.errors import ConfigError
 from minipretrain.model import MiniMind

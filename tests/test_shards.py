@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_cli_errors, shared_file, tiny_config
 
 from minipretrain.data import shards as shards_mod
 from minipretrain.data.batches import IGNORE, MixtureSampler, PackedRows, PaddedRows, make_rows
 from minipretrain.data.shards import (
     HEADER_SIZE,
-    PrepareOptions,
     PreparedData,
+    PrepareOptions,
     ShardWriter,
     TokenShards,
     is_held_out,
@@ -26,8 +27,6 @@ from minipretrain.errors import DataError
 from minipretrain.tokenizer import Tokenizer, train_tokenizer
 from minipretrain.train.loop import train
 from minipretrain.train.metrics import read_metrics
-
-from conftest import assert_cli_errors, shared_file, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL, assert_cli_errors, shared_file, step_losses, tiny_config
 
 from minipretrain.errors import CheckpointError, UserError
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.loop import train
 from minipretrain.train.metrics import read_metrics
-
-from conftest import TINY_MODEL, assert_cli_errors, shared_file, step_losses, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -163,7 +163,7 @@ def cmd_eval(args) -> None:
 
     from minipretrain.data.batches import ObjectiveRows, make_rows
     from minipretrain.data.objectives import EVAL_SEED, fim_middles, make_objective, validation_objective
-    from minipretrain.data.shards import PrepareOptions, PreparedData, is_prepared, prepare
+    from minipretrain.data.shards import PreparedData, PrepareOptions, is_prepared, prepare
     from minipretrain.evaluate import evaluate, token_byte_lengths
     from minipretrain.train.checkpoint import load_model_from_checkpoint
 

@@ -116,7 +116,7 @@ class Tokenizer:
         (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Tokenizer":
+    def load(cls, directory: str | Path) -> Tokenizer:
         path = Path(directory) / TOKENIZER_FILE
         if not path.is_file():
             raise UserError(f"no {TOKENIZER_FILE} in {directory}: train one with `minipretrain tokenizer train`")

@@ -29,7 +29,7 @@ class Batch(NamedTuple):
     labels: torch.Tensor  # (batch, seq), -100 where no loss is wanted
     doc_ids: torch.Tensor | None = None  # (batch, seq) document index within each row, with document masking
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in self))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from minipretrain.config import Config, DataConfig, SourceConfig, source_name
 from minipretrain.data.batches import MixtureSampler, ObjectiveRows, make_rows
 from minipretrain.data.objectives import EVAL_SEED, fim_middles, make_objective, validation_objective
-from minipretrain.data.shards import PrepareOptions, PreparedData, default_workers, is_held_out, is_prepared, prepare
+from minipretrain.data.shards import PreparedData, PrepareOptions, default_workers, is_held_out, is_prepared, prepare
 from minipretrain.data.sources import ReadStats, iter_documents
 from minipretrain.errors import CheckpointError, ConfigError, DataError, UserError
 from minipretrain.tokenizer import Tokenizer, train_tokenizer

@@ -22,17 +22,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from minipretrain import moe
 from minipretrain.config import Config, ModelConfig
 from minipretrain.data.dataset import RUN_DATA_DIR, check_objective_tokenizer, load_run_data
 from minipretrain.errors import CheckpointError, UserError
 from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.generate import complete
-from minipretrain import moe
 from minipretrain.model import MiniMind, prediction_targets
-from minipretrain.parallel import (World, check_parallel_precision, clip_grad_norm, gradient_sync, init_distributed,
-                                  parallelize)
-from minipretrain.precision import (configure_device, load_scaler_state, mixed_precision, request_deterministic_cublas,
-                                    resolve_precision)
+from minipretrain.parallel import (
+    World,
+    check_parallel_precision,
+    clip_grad_norm,
+    gradient_sync,
+    init_distributed,
+    parallelize,
+)
+from minipretrain.precision import (
+    configure_device,
+    load_scaler_state,
+    mixed_precision,
+    request_deterministic_cublas,
+    resolve_precision,
+)
 from minipretrain.tokenizer import Tokenizer
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.metrics import MetricsLog
