@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,11 @@ demo: setup
 	$(PY) -m minipretrain train --config configs/tiny.toml --run-dir runs/demo --overwrite
 	$(PY) -m minipretrain generate --ckpt runs/demo --prompt "The" --max-new-tokens 120
 
-test: setup
+# ruff (pinned in constraints.txt; rules in pyproject.toml) over the code, the tests and the benchmarks
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+
+test: setup lint
 	$(PY) -m pytest tests
 
 bench: setup

@@ -102,7 +102,8 @@ def bench_prepare(args, tokenizer: Tokenizer, scratch: Path) -> dict:
         tps = manifest["summary"]["tokens"] / statistics.median(r["seconds"] for r in results)
         rows.append({"workers": workers, "mb_per_s": mbps, "mb_per_s_per_worker": mbps / workers,
                      "tokens_per_s": tps, "runs": results})
-        print(f"| {workers}{' (in-process)' if workers == 1 else ''} | {mbps:.2f} | {mbps / workers:.2f} | {tps:,.0f} |")
+        workers_label = f"{workers}{' (in-process)' if workers == 1 else ''}"
+        print(f"| {workers_label} | {mbps:.2f} | {mbps / workers:.2f} | {tps:,.0f} |")
 
     big = scratch / "corpus_x10.jsonl"
     with open(big, "wb") as f:
@@ -160,7 +161,8 @@ def bench_loader(args, tokenizer: Tokenizer, scratch: Path) -> dict:
     padded_filled = np.minimum(doc_lengths + 1, t.seq_len)  # + bos
     packed_rows = stream.num_tokens // t.seq_len
     corpus = {
-        "packed": {"position_waste": 0.0, "tokens_left_out": (stream.num_tokens - packed_rows * t.seq_len) / stream.num_tokens},
+        "packed": {"position_waste": 0.0,
+                   "tokens_left_out": (stream.num_tokens - packed_rows * t.seq_len) / stream.num_tokens},
         "padded": {"position_waste": 1 - padded_filled.sum() / (len(doc_lengths) * t.seq_len),
                    "tokens_left_out": np.maximum(doc_lengths + 1 - t.seq_len, 0).sum() / (doc_lengths + 1).sum()},
     }
@@ -183,7 +185,8 @@ def bench_loader(args, tokenizer: Tokenizer, scratch: Path) -> dict:
                          **corpus[name], "load_times_s": tm["load"], "step_times_s": tm["step"]}
         r = results[name]
         print(f"| {name} | {r['load_ms']:.2f} | {step_s:.3f} | {100 * r['loader_overhead']:.3f}% | {useful:,.0f} | "
-              f"{r['useful_tokens_per_s']:,.0f} | {100 * r['position_waste']:.2f}% | {100 * r['tokens_left_out']:.2f}% |")
+              f"{r['useful_tokens_per_s']:,.0f} | {100 * r['position_waste']:.2f}% | "
+              f"{100 * r['tokens_left_out']:.2f}% |")
     ratio = results["packed"]["useful_tokens_per_s"] / results["padded"]["useful_tokens_per_s"]
     print(f"packed / padded useful tokens per second: {ratio:.2f}x")
     return {"layouts": results, "packed_over_padded": ratio}

@@ -142,16 +142,17 @@ def main(argv=None) -> dict:
                 out = Path(tmp) / f"{name}-{repeat}"
                 out.mkdir()
                 ranks[name].append(launch(args, name, out))
-                step = statistics.median(max(ts) for ts in zip(*(r["times_s"] for r in ranks[name][-1])))
+                step = statistics.median(max(ts) for ts in zip(*(r["times_s"] for r in ranks[name][-1]), strict=True))
                 print(f"  repeat {repeat + 1}/{args.repeats} {name}: median step {step:.3f} s", flush=True)
 
     runs = {}
     for name, repeats in ranks.items():
         # per step, the slowest rank (a step ends for all when its last all-reduce does), pooled over repeats
-        steps = [max(ts) for rank_results in repeats for ts in zip(*(r["times_s"] for r in rank_results))]
+        steps = [max(ts) for rank_results in repeats for ts in zip(*(r["times_s"] for r in rank_results), strict=True)]
         procs, median = len(repeats[0]), statistics.median(steps)
         runs[name] = {"processes": procs, "threads_per_process": repeats[0][0]["threads"], "median_step_s": median,
-                      "repeat_medians_s": [statistics.median(max(ts) for ts in zip(*(r["times_s"] for r in rr)))
+                      "repeat_medians_s": [statistics.median(max(ts) for ts in
+                                                             zip(*(r["times_s"] for r in rr), strict=True))
                                            for rr in repeats],
                       "tokens_per_s_total": procs * tokens / median, "tokens_per_s_per_process": tokens / median,
                       "ranks": repeats[-1]}  # memory is the same in every repeat: keep the last one's ranks

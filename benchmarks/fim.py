@@ -1,6 +1,6 @@
 """Fill-in-the-middle against causal LM on held-out Python functions: what FIM training buys, and what it costs.
 
-    python benchmarks/fim.py                          # the tiny preset on ../shared/data/cpython-3.11.7-stdlib-code.jsonl
+    python benchmarks/fim.py  # the tiny preset on ../shared/data/cpython-3.11.7-stdlib-code.jsonl
     python benchmarks/fim.py --steps 300 --functions 400
 
 Two runs of the same preset, seed, data and tokenizer, for the same steps: train.objective=clm and =fim. Then, on

@@ -9,7 +9,8 @@ Each step is the training step of `minipretrain.train.loop.train` on random toke
 zero_grad(set_to_none=True). No data loading, validation or checkpointing is timed.
 
 FLOPs per token = 6*N + 12*L*H*Q*T  (nanoGPT's convention: N = model.num_active_parameters(), all parameters of
-a dense model and those one token passes through in a mixture of experts, tied embedding counted once; L layers, H attention heads, Q head dim, T sequence length; forward + backward).
+a dense model and those one token passes through in a mixture of experts, tied embedding counted once; L layers,
+H attention heads, Q head dim, T sequence length; forward + backward).
 MFU = tokens/s * FLOPs per token / peak FLOP/s of the hardware (--peak-tflops, or on CUDA a table of dense
 tensor-core peaks: bf16/fp16 for mixed precision, TF32 for float32).
 
@@ -225,7 +226,8 @@ def main(argv=None) -> dict:
           "| TFLOP/s | MFU |\n" + "|---" * 11 + "|")
     for r in runs:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"| {preset} | {device} | {r['dtype']} | {r['optimizer']} | {size.replace(' parameters', '')} | {tokens_per_step:,} "
+        print(f"| {preset} | {device} | {r['dtype']} | {r['optimizer']} | {size.replace(' parameters', '')} "
+              f"| {tokens_per_step:,} "
               f"| {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['tokens_per_s']:,.0f} "
               f"| {r['optimizer_median_ms']:.1f} | {r['achieved_tflops']:.3f} | {mfu} |")
     if args.compare_dtype:

@@ -18,6 +18,7 @@ experts with a boolean mask each). minipretrain trains the same shape with its s
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shutil
@@ -71,7 +72,7 @@ def peer_step_times(args, scratch: Path, data: Path) -> list[float]:
                     break
     if len(stamps) < args.warmup + args.steps + 1:
         sys.exit(f"the peer logged {len(stamps)} steps, fewer than {args.warmup + args.steps + 1}: {' '.join(cmd)}")
-    return [b - a for a, b in zip(stamps, stamps[1:])][args.warmup:]
+    return [b - a for a, b in itertools.pairwise(stamps)][args.warmup:]
 
 
 def our_step_times(args, scratch: Path, data: Path, dtype: str) -> list[float]:
@@ -107,7 +108,7 @@ def main(argv=None) -> dict:
         rows = args.batch_size * (args.warmup + args.steps + 2)
         data = scratch / "data.jsonl"
         with open(args.data, encoding="utf-8") as src:
-            data.write_text("".join(line for _, line in zip(range(rows), src)), encoding="utf-8")
+            data.write_text("".join(line for _, line in zip(range(rows), src, strict=False)), encoding="utf-8")
         runs = {"MiniMind trainer (float32)": [], "minipretrain float32": [], "minipretrain bfloat16": []}
         for repeat in range(args.repeats):
             for name in runs:
@@ -119,7 +120,8 @@ def main(argv=None) -> dict:
     tokens_per_step = args.batch_size * args.seq_len
     peer_median = statistics.median(runs["MiniMind trainer (float32)"])
     hardware = cpu_description()
-    print(f"\n{hardware}; {'MoE (4 experts, top-1), ' if args.moe else ''}hidden {args.hidden}, {args.layers} layers, batch {args.batch_size} x seq {args.seq_len}, "
+    print(f"\n{hardware}; {'MoE (4 experts, top-1), ' if args.moe else ''}hidden {args.hidden}, {args.layers} layers, "
+          f"batch {args.batch_size} x seq {args.seq_len}, "
           f"{args.repeats} x {args.steps} timed steps per run\n")
     print("| trainer | median step | tokens/s | vs MiniMind |\n|---|---|---|---|")
     results = []
@@ -128,9 +130,9 @@ def main(argv=None) -> dict:
         results.append({"trainer": name, "median_s": median, "tokens_per_s": tokens_per_step / median,
                         "speedup_vs_peer": peer_median / median, "step_times_s": times})
         print(f"| {name} | {median:.3f} s | {tokens_per_step / median:,.0f} | {peer_median / median:.2f}x |")
-    result = {"hardware": hardware, "moe": args.moe, "hidden": args.hidden, "layers": args.layers, "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-              "runs": results}
+    result = {"hardware": hardware, "moe": args.moe, "hidden": args.hidden, "layers": args.layers,
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
+              "repeats": args.repeats, "runs": results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.json}")

@@ -334,7 +334,7 @@ def test_cli_train_bad_config_exits_2_with_one_line(tmp_path, capsys, text, key)
     with pytest.raises(SystemExit) as e:
         main(["train", "--config", str(bad), "--run-dir", str(run_dir), "--no-progress"])
     assert e.value.code == 2
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ")

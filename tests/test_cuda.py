@@ -73,7 +73,8 @@ def test_grad_scaler_skips_an_overflow_step_and_halves_the_scale(device):
     optimizer = build_optimizer(model, tiny_config().optim, device)
     scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
     # fp16 autocast where the trainer allows it (CUDA); the scaler's logic is the same on the CPU
-    autocast = torch.autocast(device, dtype=torch.float16) if device == "cuda" else torch.autocast(device, enabled=False)
+    autocast = (torch.autocast(device, dtype=torch.float16) if device == "cuda"
+                else torch.autocast(device, enabled=False))
     ids = torch.randint(0, 320, (4, 32))
     batch, world = Batch(ids, ids.clone()), World(device=torch.device(device))
 
@@ -82,7 +83,7 @@ def test_grad_scaler_skips_an_overflow_step_and_halves_the_scale(device):
     model.layers[0].mlp.up_proj.weight.grad[0, 0] = float("inf")  # one gradient overflowed
     grad_norm = apply_gradients(model, optimizer, scaler, grad_clip=1.0)
     assert not math.isfinite(grad_norm)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the update was skipped...
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # the update was skipped...
     assert scaler.get_scale() == 2.0**9  # ...and the scale halved
 
     accumulate_gradients(model, [batch], autocast, scaler, world)
@@ -118,7 +119,7 @@ def test_fused_adamw_is_used_and_matches_foreach(device, full_fp32):
             m(ids, labels=ids).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-    for a, b in zip(model.parameters(), reference.parameters()):
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
@@ -141,7 +142,7 @@ def test_flex_attention_matches_the_sdpa_reference(device, full_fp32):
                 grads[backend] = [p.grad.clone() for p in model.parameters()]
         logits[backend] = out.logits.detach()
     torch.testing.assert_close(logits["flex"], logits["sdpa"], atol=1e-4, rtol=1e-4)
-    for flex_grad, sdpa_grad in zip(grads.get("flex", []), grads.get("sdpa", [])):
+    for flex_grad, sdpa_grad in zip(grads.get("flex", []), grads.get("sdpa", []), strict=True):
         torch.testing.assert_close(flex_grad, sdpa_grad, atol=1e-4, rtol=1e-3)
     if device == "cuda":
         model.attn_backend = None
@@ -167,7 +168,8 @@ def test_kv_cache_generation_matches_recomputing_the_prefix(device, full_fp32):
 
 @pytest.mark.cuda
 def test_checkpoint_saved_on_cuda_resumes_on_cpu_and_back(tmp_path, shakespeare, tokenizer_dir):
-    common = [*data_overrides(shakespeare, tokenizer_dir), "train.dtype=bfloat16", "model.dropout=0.1", "train.save_every=2"]
+    common = [*data_overrides(shakespeare, tokenizer_dir), "train.dtype=bfloat16", "model.dropout=0.1",
+              "train.save_every=2"]
     run = tmp_path / "run"
     train(tiny_config(*common, "train.device=cuda", "train.max_steps=4"), run, show_progress=False)
     saved = ckpt_io.resolve_checkpoint(run)
@@ -199,8 +201,8 @@ def test_resume_is_exact_with_deterministic_kernels(tmp_path, shakespeare, token
 
 @pytest.mark.cuda
 def test_fsdp_cpu_offload_trains_on_one_gpu(tmp_path, shakespeare, tokenizer_dir):
-    common = [*data_overrides(shakespeare, tokenizer_dir), "train.device=cuda", "train.dtype=bfloat16", "train.max_steps=6",
-              "train.save_every=3"]
+    common = [*data_overrides(shakespeare, tokenizer_dir), "train.device=cuda", "train.dtype=bfloat16",
+              "train.max_steps=6", "train.save_every=3"]
     train(tiny_config(*common), tmp_path / "plain", show_progress=False)
     try:
         train(tiny_config(*common, "parallel.mode=fsdp", "parallel.cpu_offload=true"), tmp_path / "offload",

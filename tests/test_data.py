@@ -74,7 +74,8 @@ def test_text_file_split_on_blank_lines(tmp_path):
 
 def test_text_file_crlf(tmp_path):
     path = tmp_path / "t.txt"
-    path.write_bytes("　　第一段，第一行\r\n第一段，第二行\r\n\r\n\r\n　　第二段\r\n\u3000\u3000\r\nthird\r\n".encode("utf-8"))
+    text = "　　第一段，第一行\r\n第一段，第二行\r\n\r\n\r\n　　第二段\r\n\u3000\u3000\r\nthird\r\n"
+    path.write_bytes(text.encode("utf-8"))
     docs, _ = read(path)
     assert docs == ["　　第一段，第一行\n第一段，第二行", "　　第二段", "third"]
     assert not any("\r" in d for d in docs)

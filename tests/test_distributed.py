@@ -166,7 +166,7 @@ def test_consolidate_gathers_the_shards(tmp_path, fsdp_run, capsys):
     main(["checkpoint", "consolidate", str(fsdp_run), "--out", str(tmp_path / "export")])
     assert "model.safetensors" in capsys.readouterr().out
     exported, _, _, _ = ckpt_io.load_model_from_checkpoint(tmp_path / "export")
-    for (name, a), (_, b) in zip(from_shards.state_dict().items(), exported.state_dict().items()):
+    for (name, a), (_, b) in zip(from_shards.state_dict().items(), exported.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
         "config.json", "config.toml", "meta.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -180,11 +180,22 @@ def test_consolidate_gathers_the_shards(tmp_path, fsdp_run, capsys):
     meta = ckpt_io.verify_checkpoint(tmp_path / "ckpt")
     assert "model.safetensors" in meta["files"] and "dcp/__1_0.distcp" in meta["files"]
     in_place, _, _, _ = ckpt_io.load_model_from_checkpoint(tmp_path / "ckpt")
-    assert all(torch.equal(a, b) for a, b in zip(in_place.state_dict().values(), exported.state_dict().values()))
+    pairs = zip(in_place.state_dict().values(), exported.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     assert_cli_errors({
         "is not empty": ["checkpoint", "consolidate", str(fsdp_run), "--out", str(tmp_path / "export")],
         "no checkpoint at": ["checkpoint", "consolidate", str(tmp_path / "missing")],
     }, capsys)
+
+
+def test_export_hf_gathers_the_shards(tmp_path, fsdp_run, capsys):
+    """A sharded (DCP) checkpoint exports to transformers like a single-process one: --verify loads the export and
+    compares its logits with our model read from the shards."""
+    pytest.importorskip("transformers")
+    from minipretrain.cli import main
+
+    main(["export", "hf", "--ckpt", str(fsdp_run), "--out", str(tmp_path / "hf"), "--verify"])
+    assert "verified: transformers' logits equal minipretrain's" in capsys.readouterr().out
 
 
 def test_checkpoint_metadata_cannot_run_code(tmp_path, single_run):
@@ -283,14 +294,14 @@ def test_gradient_sync_and_clipping_in_one_process():
     torch.manual_seed(0)
     a, b = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)], [torch.nn.Parameter(torch.randn(5, 3))
                                                                         for _ in range(2)]
-    for pa, pb in zip(a, b):
+    for pa, pb in zip(a, b, strict=True):
         pa.grad = torch.randn(5, 3)
         pb.grad = pa.grad.clone()
         pb.data = pa.data.clone()
     ours = clip_grad_norm(a, 0.5)
     reference = torch.nn.utils.clip_grad_norm_(b, 0.5).item()
     assert ours == pytest.approx(reference, rel=1e-6)
-    for pa, pb in zip(a, b):
+    for pa, pb in zip(a, b, strict=True):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-7)
     assert clip_grad_norm(a, 0.0) == pytest.approx(0.5, rel=1e-5)  # 0: measure only, no clipping
 
@@ -298,13 +309,14 @@ def test_gradient_sync_and_clipping_in_one_process():
 def test_parallel_config_errors(monkeypatch):
     from minipretrain.parallel import World, fsdp_options, init_distributed
 
-    with pytest.raises(ConfigError, match="parallel.mode"):
+    with pytest.raises(ConfigError, match=r"parallel.mode"):
         tiny_config("parallel.mode=zero")
-    with pytest.raises(ConfigError, match="parallel.backend"):
+    with pytest.raises(ConfigError, match=r"parallel.backend"):
         tiny_config("parallel.backend=mpi")
-    with pytest.raises(ConfigError, match="parallel.timeout_s"):
+    with pytest.raises(ConfigError, match=r"parallel.timeout_s"):
         tiny_config("parallel.timeout_s=0")
-    with pytest.raises(ConfigError, match="model.num_key_value_heads: 2 is not divisible by parallel.tensor_parallel=4"):
+    with pytest.raises(ConfigError,
+                       match=r"model.num_key_value_heads: 2 is not divisible by parallel.tensor_parallel=4"):
         tiny_config("parallel.tensor_parallel=4")
     with pytest.raises(ConfigError, match="needs that many processes"):
         init_distributed(tiny_config("parallel.tensor_parallel=2").parallel, "cpu")
@@ -314,21 +326,21 @@ def test_parallel_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match="tensor_parallel=2 does not divide the 3 processes"):
         init_distributed(tiny_config("parallel.tensor_parallel=2").parallel, "cpu")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ConfigError, match="parallel.mode=ddp cannot combine with tensor parallelism"):
+    with pytest.raises(ConfigError, match=r"parallel.mode=ddp cannot combine with tensor parallelism"):
         init_distributed(tiny_config("parallel.tensor_parallel=2", "parallel.mode=ddp").parallel, "cpu")
     assert not torch.distributed.is_initialized()
     from minipretrain.model import MiniMind
     from minipretrain.parallel import parallelize
 
-    with pytest.raises(ConfigError, match="float16.*bfloat16"):  # fp16 needs a scaler FSDP does not use here
+    with pytest.raises(ConfigError, match=r"float16.*bfloat16"):  # fp16 needs a scaler FSDP does not use here
         parallelize(MiniMind(tiny_config().model), World(size=2, dp_size=2), tiny_config("parallel.mode=fsdp").parallel,
                     torch.float16)
     for size in ("1", "2"):  # one process offloading, or several: refused before any process group is joined
         monkeypatch.setenv("WORLD_SIZE", size)
-        with pytest.raises(ConfigError, match="cpu_offload.*needs train.device=cuda"):
+        with pytest.raises(ConfigError, match=r"cpu_offload.*needs train.device=cuda"):
             init_distributed(tiny_config("parallel.mode=fsdp", "parallel.cpu_offload=true").parallel, "cpu")
         assert not torch.distributed.is_initialized()
-    with pytest.raises(ConfigError, match="parallel.cpu_offload: offloads FSDP shards: it needs parallel.mode=fsdp"):
+    with pytest.raises(ConfigError, match=r"parallel.cpu_offload: offloads FSDP shards: it needs parallel.mode=fsdp"):
         tiny_config("parallel.cpu_offload=true")
     options = fsdp_options(tiny_config("parallel.reshard_after_forward=false").parallel, torch.bfloat16)
     assert options["reshard_after_forward"] is False  # ZeRO-2-like: parameters stay gathered until backward

@@ -45,7 +45,7 @@ def test_dispatch_equals_a_naive_per_token_reference(top_k, shared, norm, device
         weights, chosen = scores[t].topk(top_k)
         if norm:
             weights = weights / weights.sum()
-        for w, e in zip(weights, chosen):
+        for w, e in zip(weights, chosen, strict=True):
             expected[t] += w * layer.experts[int(e)](flat[t : t + 1])[0]
         for expert in layer.shared_experts:
             expected[t] += expert(flat[t : t + 1])[0]
@@ -121,7 +121,7 @@ def test_gradient_accumulation_with_the_balancing_loss_equals_one_big_batch():
         grads.append((loss, aux, [p.grad.clone() for p in model.parameters()]))
     assert grads[0][1] > 0.5  # coef 0.5 times a loss >= ~1 per layer
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6) and grads[0][1] == pytest.approx(grads[1][1], abs=1e-6)
-    for a, b in zip(grads[0][2], grads[1][2]):
+    for a, b in zip(grads[0][2], grads[1][2], strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
@@ -140,7 +140,8 @@ def test_parameter_counts_of_the_presets():
 
 def test_moe_config_errors():
     for bad, message in [("model.num_experts=0", "model.num_experts: must be at least 1"),
-                         ("model.num_experts_per_tok=5", "model.num_experts_per_tok: must be in [1, model.num_experts=4]"),
+                         ("model.num_experts_per_tok=5",
+                          "model.num_experts_per_tok: must be in [1, model.num_experts=4]"),
                          ("model.num_shared_experts=-1", "model.num_shared_experts: must be >= 0"),
                          ("model.moe_intermediate_size=0", "model.moe_intermediate_size: must be positive"),
                          ("model.router_aux_loss_coef=-0.1", "model.router_aux_loss_coef: must be >= 0"),
@@ -148,7 +149,8 @@ def test_moe_config_errors():
                          ("model.moe=1", "model.moe: expected bool")]:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             tiny_config("model.moe=true", bad)
-    with pytest.raises(ConfigError, match="model.moe_intermediate_size: 63 is not divisible by parallel.tensor_parallel=2"):
+    with pytest.raises(ConfigError,
+                       match=r"model.moe_intermediate_size: 63 is not divisible by parallel.tensor_parallel=2"):
         tiny_config("model.moe=true", "model.moe_intermediate_size=63", "parallel.tensor_parallel=2")
 
 
@@ -164,7 +166,7 @@ def moe_run(tmp_path_factory, shakespeare, tokenizer_dir):
 
 
 def test_training_logs_aux_loss_and_balance(moe_run, capsys):
-    cfg, run, summary = moe_run
+    _cfg, run, summary = moe_run
     records = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 7))
     for r in records:
@@ -182,7 +184,7 @@ def test_kill_and_resume_continues_routing_exactly(tmp_path, moe_run):
     assert at_resume.layers[0].mlp.expert_bias.abs().min() > 0  # the biases had moved, and were saved
     a, _, _, _ = load_model_from_checkpoint(run, "cpu")
     b, _, _, _ = load_model_from_checkpoint(resumed, "cpu")
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
 
 
@@ -215,7 +217,8 @@ def test_moe_flag_errors_in_the_cli(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("layout", [["parallel.mode=fsdp", "train.batch_size=2"], ["parallel.mode=ddp", "train.batch_size=2"],
+@pytest.mark.parametrize("layout", [["parallel.mode=fsdp", "train.batch_size=2"],
+                                    ["parallel.mode=ddp", "train.batch_size=2"],
                                     ["parallel.tensor_parallel=2"]], ids=["fsdp", "ddp", "tensor_parallel"])
 def test_two_ranks_equal_one_process(tmp_path, moe_run, layout):
     from test_distributed import _assert_same_steps, _steps, torchrun
@@ -251,5 +254,5 @@ def test_routing_is_deterministic_under_deterministic_algorithms(device):
             grads.append([p.grad.clone() for p in layer.parameters()])
     finally:
         torch.use_deterministic_algorithms(False)
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)

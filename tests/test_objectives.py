@@ -95,7 +95,8 @@ def test_fim_layout_psm_and_spm_fit_the_segment_length(tok, spm):
     pre, mid, suf, pad = tok.fim_prefix_id, tok.fim_middle_id, tok.fim_suffix_id, tok.fim_pad_id
     exact = len(prefix) + len(middle) + len(suffix) + 3
     tokens, parts = fim_layout(tok, prefix, middle, suffix, exact, spm)
-    expected = [pre, suf] + suffix + [mid] + prefix + middle if spm else [pre] + prefix + [suf] + suffix + [mid] + middle
+    expected = ([pre, suf] + suffix + [mid] + prefix + middle if spm
+                else [pre] + prefix + [suf] + suffix + [mid] + middle)
     assert tokens.tolist() == expected
     assert [tokens[parts == part].tolist() for part in (PREFIX, MIDDLE, SUFFIX)] == [prefix, middle, suffix]
     assert (parts == SENTINEL).sum() == 3

@@ -31,15 +31,15 @@ def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch):
     # explicit choices
     assert resolve_precision("bfloat16", CPU).dtype == torch.bfloat16  # allowed even without native support
     assert resolve_precision("float32", CPU).dtype == torch.float32
-    with pytest.raises(ConfigError, match="^train.dtype=float16 needs a CUDA device .*use bfloat16 or float32$"):
+    with pytest.raises(ConfigError, match=r"^train.dtype=float16 needs a CUDA device .*use bfloat16 or float32$"):
         resolve_precision("float16", CPU)
-    with pytest.raises(ConfigError, match="^--dtype=bfloat16 runs on CUDA or CPU, not mps"):
+    with pytest.raises(ConfigError, match=r"^--dtype=bfloat16 runs on CUDA or CPU, not mps"):
         resolve_precision("bfloat16", torch.device("mps"), key="--dtype")
     if not torch.cuda.is_available():
         from minipretrain.parallel import resolve_device
 
         assert resolve_device("auto").type in ("cpu", "mps")
-        with pytest.raises(ConfigError, match="^--device=cuda: CUDA is not available"):
+        with pytest.raises(ConfigError, match=r"^--device=cuda: CUDA is not available"):
             resolve_device("cuda", key="--device")
 
 
@@ -60,7 +60,7 @@ def test_refused_dtype_leaves_an_existing_run_alone(tmp_path, shakespeare, token
     train(cfg, tmp_path / "run", show_progress=False)
     before = (tmp_path / "run" / "latest").read_text()
     cfg.train.dtype = "float16"
-    with pytest.raises(ConfigError, match="train.dtype=float16 needs a CUDA device"):
+    with pytest.raises(ConfigError, match=r"train.dtype=float16 needs a CUDA device"):
         train(cfg, tmp_path / "run", overwrite=True, show_progress=False)
     assert (tmp_path / "run" / "latest").read_text() == before  # refused before --overwrite deleted anything
     ckpt_io.verify_checkpoint(ckpt_io.resolve_checkpoint(tmp_path / "run"))
@@ -86,7 +86,8 @@ def test_bf16_training_lowers_the_loss_and_stays_near_float32(tmp_path, shakespe
 def test_eval_and_generate_run_under_the_requested_autocast(tmp_path, shakespeare, tokenizer_dir, capsys):
     from minipretrain.cli import main
 
-    train(tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=4"), tmp_path / "run", show_progress=False)
+    config = tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=4")
+    train(config, tmp_path / "run", show_progress=False)
     run = str(tmp_path / "run")
     results = {}
     for dtype in ("float32", "bfloat16"):

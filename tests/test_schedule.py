@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -14,7 +15,7 @@ def test_cosine_warmup_end_mid_and_last_step():
     assert lr_at(int(mid), cfg, 110) == pytest.approx(0.55e-3, rel=0.02)
     assert lr_at(109, cfg, 110) == pytest.approx(1e-4)  # the last step reaches min_lr
     values = [lr_at(s, cfg, 110) for s in range(10, 110)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_minimind_formula():

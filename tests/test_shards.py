@@ -77,8 +77,8 @@ def test_prepare_recovers_every_document_exactly(tmp_path, tokenizer):
     held = is_held_out(np.arange(len(texts)), 0.1)
     train, val = data.split("train"), data.split("val")
     assert train.num_documents == int((~held).sum()) and val.num_documents == int(held.sum()) == 12
-    for stream, expected in ((train, [t for t, h in zip(texts, held) if not h]),
-                             (val, [t for t, h in zip(texts, held) if h])):
+    for stream, expected in ((train, [t for t, h in zip(texts, held, strict=True) if not h]),
+                             (val, [t for t, h in zip(texts, held, strict=True) if h])):
         for i, text in enumerate(expected):
             doc = stream.document(i)
             assert doc[-1] == tokenizer.eos_id
@@ -95,7 +95,8 @@ def test_shard_header_fields(tmp_path, tokenizer):
     manifest = prepare([str(src)], tokenizer, tmp_path / "out", opts(), show_progress=False)
     shard = manifest["splits"]["train"]["shards"][0]
     raw = (tmp_path / "out" / shard["file"]).read_bytes()
-    magic, version, itemsize, vocab, tokens, docs, fingerprint = shards_mod._HEADER.unpack(raw[: shards_mod._HEADER.size])
+    header = raw[: shards_mod._HEADER.size]
+    magic, version, itemsize, vocab, tokens, docs, fingerprint = shards_mod._HEADER.unpack(header)
     assert (magic, version, itemsize, vocab) == (b"MPTOKENS", 1, 2, tokenizer.vocab_size)
     assert (tokens, docs) == (shard["tokens"], 20)
     assert fingerprint.rstrip(b"\0").decode() == tokenizer.fingerprint
@@ -119,7 +120,8 @@ def test_rows_span_shards_and_document_starts_cross_them(tmp_path):
         assert stream.read(start, stop).tolist() == flat[start:stop].tolist()
     starts = np.concatenate([[0], np.cumsum([len(d) + 1 for d in docs])[:-1]])
     rng = np.random.default_rng(0)
-    for a, b in [(50, 400), (0, len(flat)), (100, 100)] + [tuple(sorted(rng.integers(0, len(flat), 2))) for _ in range(50)]:
+    ranges = [(50, 400), (0, len(flat)), (100, 100)] + [tuple(sorted(rng.integers(0, len(flat), 2))) for _ in range(50)]
+    for a, b in ranges:
         assert stream.document_starts(a, b).tolist() == [s for s in starts if a <= s < b]
     for i in (0, 17, 59):
         assert stream.document(i).tolist() == docs[i] + [2]
@@ -394,7 +396,7 @@ def test_batches_do_not_depend_on_the_number_of_ranks():
     assert together == single
     # train 5 steps on 2 ranks, resume on 1 rank: exactly the samples not seen yet, none twice
     state = None
-    for rank, s in enumerate(ranks):
+    for rank, _s in enumerate(ranks):
         fresh = MixtureSampler(sources(), [0.5, 0.5], seed=1)
         for _ in range(5):
             fresh.next_batch(4, rank, 2)
@@ -453,8 +455,9 @@ def test_train_refuses_shards_of_another_tokenizer(tmp_path, shakespeare, tokeni
 
 def test_mixture_logs_per_source_tokens_and_validation(tmp_path, shakespeare, tokenizer_dir):
     zh = write_jsonl(tmp_path / "zh.jsonl", [t for t in sample_texts(200)])
-    sources = f'[{{path = {json.dumps(str(shakespeare))}, weight = 0.7}}, {{path = {json.dumps(str(zh))}, weight = 0.3, name = "zh"}}]'
-    _, summary = _run(tmp_path, f"data.sources={sources}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}",
+    sources = (f'[{{path = {json.dumps(str(shakespeare))}, weight = 0.7}}, '
+               f'{{path = {json.dumps(str(zh))}, weight = 0.3, name = "zh"}}]')
+    _, _summary = _run(tmp_path, f"data.sources={sources}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}",
                       "train.max_steps=25", "train.eval_every=10")
     records = _metrics(tmp_path / "run")
     last = [r for r in records if "tokens_by_source" in r][-1]
@@ -463,7 +466,8 @@ def test_mixture_logs_per_source_tokens_and_validation(tmp_path, shakespeare, to
     assert abs(by_source["shakespeare"] / last["tokens"] - 0.7) < 0.01
     val = [r for r in records if "val_loss_by_source" in r]
     assert val and set(val[-1]["val_loss_by_source"]) == {"shakespeare", "zh"}
-    assert min(val[-1]["val_loss_by_source"].values()) <= val[-1]["val_loss"] <= max(val[-1]["val_loss_by_source"].values())
+    by_source_val = val[-1]["val_loss_by_source"].values()
+    assert min(by_source_val) <= val[-1]["val_loss"] <= max(by_source_val)
 
 
 def test_document_masked_training_and_exact_resume(tmp_path, shakespeare, tokenizer_dir):
@@ -480,7 +484,7 @@ def test_document_masked_training_and_exact_resume(tmp_path, shakespeare, tokeni
 def test_train_names_shards_without_a_manifest(tmp_path, tokenizer_dir):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "train_00000.bin").write_bytes(b"x")
-    with pytest.raises(DataError, match="no manifest.json: its preparation was interrupted"):
+    with pytest.raises(DataError, match=r"no manifest.json: its preparation was interrupted"):
         _run(tmp_path, f"data.path={json.dumps(str(tmp_path / 'half'))}",
              f"data.tokenizer={json.dumps(str(tokenizer_dir))}")
 

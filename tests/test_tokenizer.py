@@ -75,7 +75,8 @@ def samples() -> dict[str, str]:
         "code": code_records(300, 1)[0][:6000],
         "code_edge": 'def f(x):\n\tif x:\r\n        return {"a": [1, 2]}  # 注释\n\n\n',
         "emoji": "Hi 👋🏽 family 👨‍👩‍👧‍👦 flag 🇯🇵 heart ❤️ robot 🤖 keycap 1️⃣",
-        "unicode": "𠀀𪚥 Ωmega ≈ç√∫ ﷽ e\u0301 Å ﬁ ½ ⅷ \u200b\u200d\ufeff \u00a0 \u2028 Ελληνικά Русский العربية हिन्दी 한국어 ไทย",
+        "unicode": "𠀀𪚥 Ωmega ≈ç√∫ ﷽ e\u0301 Å ﬁ ½ ⅷ \u200b\u200d\ufeff \u00a0 \u2028 "
+                   "Ελληνικά Русский العربية हिन्दी 한국어 ไทย",
         "controls": "\x00\x01\x07\x1b[31mred\x1b[0m\x7f\x80\x9f end",
         "mixed_newlines": "a\rb\r\nc\nd\n\r",
         "single_char": "x",

@@ -117,7 +117,7 @@ def test_resume_refuses_changed_model_or_tokenizer(tmp_path, shakespeare, tokeni
     run = tmp_path / "run"
     cfg.train.max_steps = 10
     cfg.model.hidden_size = 64
-    with pytest.raises(CheckpointError, match="model.hidden_size is 32 in the checkpoint but 64"):
+    with pytest.raises(CheckpointError, match=r"model.hidden_size is 32 in the checkpoint but 64"):
         train(cfg, run, resume=True, show_progress=False)
     cfg.model.hidden_size = 32
     other_tok = tmp_path / "other_tok"
@@ -147,7 +147,7 @@ def test_corrupt_checkpoint_is_detected_and_reported(tmp_path, shakespeare, toke
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
     cfg.train.max_steps = 8
-    with pytest.raises(CheckpointError, match="corrupt.*model.safetensors.*earlier checkpoints.*step_000004"):
+    with pytest.raises(CheckpointError, match=r"corrupt.*model.safetensors.*earlier checkpoints.*step_000004"):
         train(cfg, run, resume=True, show_progress=False)
     # resuming explicitly from the earlier, intact checkpoint works
     summary = train(cfg, run, resume=str(run / "checkpoints" / "step_000004"), show_progress=False)
@@ -228,7 +228,8 @@ def test_cli_refuses_bad_flags_before_any_work(tmp_path, capsys):
         "--top-k must be at least 1": [*generate, "--top-k", "0"],
         "--max-new-tokens must be at least 1": [*generate, "--max-new-tokens", "0"],
         "--num-samples must be at least 1": [*generate, "--num-samples", "0"],
-        "--device=tpu: unknown device (auto, cpu, cuda, cuda:N or mps)": ["generate", "--ckpt", missing, "--device", "tpu"],
+        "--device=tpu: unknown device (auto, cpu, cuda, cuda:N or mps)": ["generate", "--ckpt", missing,
+                                                                          "--device", "tpu"],
         "--device=cpu:1: unknown device": [*evaluate[:-2], "--device", "cpu:1"],
         "--batch-size must be at least 1": [*evaluate, "--batch-size", "0"],
         "--seq-len must be at least 2": [*evaluate, "--seq-len", "1"],
@@ -260,7 +261,7 @@ def test_compiled_training_matches_eager(tmp_path, shakespeare, tokenizer_dir, m
 def test_separate_validation_file(tmp_path, shakespeare, tokenizer_dir):
     val = tmp_path / "val.jsonl"
     val.write_text("\n".join(json.dumps({"text": t}) for t in ["To be, or not to be.", "A horse! a horse!"]) + "\n")
-    cfg, summary = _short_run(tmp_path, shakespeare, tokenizer_dir, f"data.val_path={json.dumps(str(val))}",
+    _cfg, summary = _short_run(tmp_path, shakespeare, tokenizer_dir, f"data.val_path={json.dumps(str(val))}",
                               "data.val_fraction=0")
     assert summary["first_val_loss"] is not None and summary["final_val_loss"] is not None
     evaluated = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in m]

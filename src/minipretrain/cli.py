@@ -153,7 +153,7 @@ def cmd_data_info(args) -> None:
     print(f"{args.dir}: {describe(m)}")
     print(f"  tokenizer {m['tokenizer_fingerprint']}, vocab {m['vocab_size']}, {m['dtype']}; shards "
           f"{'verified (sizes, headers, sha256)' if not args.no_verify else 'checked (sizes, headers)'}")
-    for split, info in m["splits"].items():
+    for info in m["splits"].values():
         for shard in info["shards"]:
             print(f"  {shard['file']}: {shard['tokens']:,} tokens, {shard['documents']:,} documents")
 
@@ -179,7 +179,8 @@ def cmd_eval(args) -> None:
     objective = fim_middles(tokenizer) if args.fim else validation_objective(make_objective(cfg.train, tokenizer))
     seq_len = args.seq_len or cfg.train.seq_len
     if seq_len > cfg.model.max_position_embeddings:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={cfg.model.max_position_embeddings}")
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's "
+                          f"max_position_embeddings={cfg.model.max_position_embeddings}")
     with tempfile.TemporaryDirectory(prefix="minipretrain-eval-") as tmp:
         directory = args.data
         if not is_prepared(args.data):  # raw text: tokenize it into a scratch directory first
@@ -210,6 +211,13 @@ def cmd_eval(args) -> None:
               f"{result['perplexity']:.2f}   {last}")
 
 
+def cmd_plot(args) -> None:
+    from minipretrain.plots import plot_runs
+
+    out = plot_runs(args.runs, args.out, args.x)
+    print(f"wrote {out}")
+
+
 def cmd_checkpoint_consolidate(args) -> None:
     from minipretrain.train.checkpoint import consolidate
 
@@ -217,6 +225,55 @@ def cmd_checkpoint_consolidate(args) -> None:
         _output_dir(args.out, "--out")
     target = consolidate(args.ckpt, args.out)
     print(f"wrote {target / 'model.safetensors'} (checksums in {target / 'meta.json'})")
+
+
+def cmd_export_hf(args) -> None:
+    from minipretrain.interop.hf import export_hf, transformers_auto_model, verify_export
+
+    _output_dir(args.out, "--out")
+    if args.verify:
+        transformers_auto_model("--verify")  # refused before anything is written
+    out, model_type = export_hf(args.ckpt, args.out, args.dtype)
+    print(f"wrote {out} ({model_type}, {args.dtype}): load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    if args.verify:
+        difference = verify_export(args.ckpt, out)
+        tolerance = 1e-4 if args.dtype == "float32" else 2e-2  # half-precision export: transformers rounds inside
+        if difference > tolerance:
+            raise UserError(f"{out}: transformers' logits differ from minipretrain's by {difference:.2e} "
+                            f"(more than {tolerance:.0e}): please report this as a bug")
+        print(f"verified: transformers' logits equal minipretrain's (max abs difference {difference:.2e})")
+
+
+def cmd_import_hf(args) -> None:
+    from minipretrain.interop.hf import import_hf
+
+    _output_dir(args.out, "--out")
+    out, model_cfg = import_hf(args.model, args.out)
+    print(f"wrote checkpoint {out} ({model_cfg.num_hidden_layers} layers, hidden {model_cfg.hidden_size}); "
+          f"try `minipretrain generate --ckpt {out}`")
+
+
+def cmd_import_minimind(args) -> None:
+    from minipretrain.interop.minimind import import_minimind
+
+    _output_dir(args.out, "--out")
+    out = import_minimind(args.pth, args.tokenizer, args.out, args.config, args.set)
+    print(f"wrote checkpoint {out}; try `minipretrain generate --ckpt {out}`")
+
+
+def cmd_plan(args) -> None:
+    from minipretrain.config import load_config
+    from minipretrain.plan import PlanOptions, format_plan, make_plan, measure_in_subprocess
+
+    options = PlanOptions(args.devices, args.budget_flops, args.gpu_hours, args.gpu, args.peak_tflops, args.mfu,
+                          args.data, args.sample_mb, args.tokens_per_s, args.gpu_memory_gib, args.pipeline_stages,
+                          args.microbatches, args.measure, args.measure_steps)
+    options.validate()  # every flag before any work
+    cfg = load_config(args.config, args.set)
+    measured = measure_in_subprocess(cfg, args.measure_steps) if args.measure else None
+    plan = make_plan(cfg, options, measured)
+    print(json.dumps(plan) if args.json else format_plan(plan))
 
 
 DTYPE_HELP = ("autocast dtype, resolved like train.dtype (auto: bf16 on GPUs and on CPUs with native bf16, else "
@@ -277,6 +334,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new directory for model.safetensors, config and tokenizer (default: inside the checkpoint)")
     p.set_defaults(func=cmd_checkpoint_consolidate)
 
+    p = sub.add_parser("plot", help="plot loss, validation, lr, gradient norm and tokens/s of runs into a PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (several are overlaid)")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN/plots.png for one run, ./plots.png "
+                                               "for several)")
+    p.add_argument("--x", choices=("step", "tokens"), default="step", help="x axis (default: step)")
+    p.set_defaults(func=cmd_plot)
+
+    export = sub.add_parser("export", help="write a checkpoint in another framework's format").add_subparsers(
+        dest="export_command", required=True)
+    p = export.add_parser("hf", help="a Hugging Face transformers directory (Llama / Qwen3 / Qwen3-MoE / Mixtral)")
+    p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--out", required=True, help="a new directory for the weights, config and tokenizer")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the stored weights (default float32: exact)")
+    p.add_argument("--verify", action="store_true",
+                   help="load the export in transformers and check its logits equal ours (needs minipretrain[hf])")
+    p.set_defaults(func=cmd_export_hf)
+    imp = sub.add_parser("import", help="make a checkpoint from another framework's weights").add_subparsers(
+        dest="import_command", required=True)
+    p = imp.add_parser("hf", help="a transformers Llama / Qwen3 / Qwen3-MoE / Mixtral directory (safetensors)")
+    p.add_argument("--model", required=True, help="the transformers model directory")
+    p.add_argument("--out", required=True, help="a new checkpoint directory")
+    p.set_defaults(func=cmd_import_hf)
+    p = imp.add_parser("minimind", help="a .pth written by MiniMind's trainer (MiniMind-3 or MiniMind2 layout)")
+    p.add_argument("--pth", required=True, help="e.g. out/pretrain_768.pth")
+    p.add_argument("--tokenizer", required=True, help="MiniMind's tokenizer directory (its model/ folder)")
+    p.add_argument("--out", required=True, help="a new checkpoint directory")
+    p.add_argument("--config", default=None,
+                   help="a preset giving the model shape (default: read from the tensors, MiniMind's defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="override a model key the tensors cannot tell, e.g. model.num_experts_per_tok=2")
+    p.set_defaults(func=cmd_import_minimind)
+
     p = sub.add_parser("generate", help="sample text from a checkpoint")
     p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
     p.add_argument("--prompt", default="")
@@ -318,6 +408,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score filling in the middle: every document in PSM, loss on its middle only")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plan", help="parameters, FLOPs, compute-optimal tokens, memory per GPU and time of a config "
+                                    "(docs/planning.md)")
+    p.add_argument("--config", default="configs/tiny.toml", help="TOML preset (default configs/tiny.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.batch_size=8 (repeatable)")
+    p.add_argument("--devices", type=int, default=1, help="data-parallel GPUs (default 1)")
+    p.add_argument("--budget-flops", type=float, default=None, help="compute budget in FLOPs, e.g. 1e19")
+    p.add_argument("--gpu-hours", type=float, default=None, help="compute budget in GPU-hours (needs --gpu or "
+                                                                  "--peak-tflops)")
+    p.add_argument("--gpu", default=None, help="GPU name for its dense bf16 peak, e.g. H100, A100")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense peak TFLOP/s (overrides --gpu)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization in (0, 1] (default 0.4)")
+    p.add_argument("--data", default=None, help="a corpus to count tokens in (file, directory, glob, prepared)")
+    p.add_argument("--sample-mb", type=float, default=2.0, help="MB of --data to tokenize (default 2)")
+    p.add_argument("--tokens-per-s", type=float, default=None, help="global training throughput, for the time")
+    p.add_argument("--gpu-memory-gib", type=float, default=None, help="GPU memory: the largest batch that fits")
+    p.add_argument("--pipeline-stages", type=int, default=None, help="pipeline stages p, for the bubble")
+    p.add_argument("--microbatches", type=int, default=None, help="micro-batches m per step, for the bubble")
+    p.add_argument("--measure", action="store_true", help="run a few real training steps here (train.device) to "
+                                                          "measure tokens/s and peak memory")
+    p.add_argument("--measure-steps", type=int, default=3, help="timed steps with --measure (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every number")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

@@ -19,6 +19,7 @@ from minipretrain.data.sources import KNOWN_SUFFIXES
 from minipretrain.errors import ConfigError
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # train.dtype and --dtype; torch dtypes in precision.py
+LOGGERS = ("jsonl", "tensorboard", "wandb", "swanlab")  # train.loggers; train/trackers.py starts them
 
 
 def check_device_name(name: str, key: str = "train.device") -> None:
@@ -141,7 +142,8 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 on GPUs and on CPUs with native bf16) | float32 | bfloat16 | float16 (CUDA)
-    deterministic: bool = False  # deterministic kernels only (torch.use_deterministic_algorithms): bitwise resume on GPUs
+    # deterministic kernels only (torch.use_deterministic_algorithms): bitwise resume on GPUs
+    deterministic: bool = False
     compile: bool = False
     log_every: int = 1
     eval_every: int = 100  # 0: only at the end
@@ -155,6 +157,11 @@ class TrainConfig:
     fim_rate: float = 0.5  # fim: share of documents rearranged into prefix / suffix / middle
     fim_spm_rate: float = 0.5  # fim: share of those laid out suffix-prefix-middle (SPM) instead of PSM
     mlm_probability: float = 0.15  # mlm: share of tokens chosen for prediction (80% masked, 10% random, 10% kept)
+    # Experiment trackers (train/trackers.py): jsonl (metrics.jsonl) is always on; add tensorboard, wandb, swanlab.
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    project: str = "minipretrain"  # the wandb / swanlab project
+    run_name: str | None = None  # None: the run directory's name
+    tracker_mode: str | None = None  # wandb / swanlab: online | offline; None: WANDB_MODE / SWANLAB_MODE, else online
 
 
 @dataclass
@@ -185,7 +192,7 @@ class Config:
             lines.append(f"[{section}]")
             for key, value in values.items():
                 if value is not None:  # TOML has no null: an absent key means the default
-                    lines.append(f"{key} = {_toml_value(value)}")
+                    lines.append(f"{key} = {toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
 
@@ -194,11 +201,11 @@ _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConf
                     "parallel": ParallelConfig}
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
     if isinstance(value, dict):  # an inline table (mixture sources); None means the default
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items() if v is not None) + "}"
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -234,6 +241,10 @@ def _check_sources(key: str, value) -> list[SourceConfig]:
 def _check_type(key: str, value, annotation):
     if annotation == list[SourceConfig]:
         return _check_sources(key, value)
+    if annotation == list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings like [\"jsonl\", \"tensorboard\"], got {value!r}")
+        return value
     hints = typing.get_args(annotation) or (annotation,)
     allowed = [h for h in hints if h is not type(None)]
     if value is None and len(allowed) < len(hints):
@@ -343,6 +354,11 @@ def validate(cfg: Config) -> None:
     for key in ("fim_rate", "fim_spm_rate"):
         _require(0 <= getattr(t, key) <= 1, f"train.{key}", f"must be in [0, 1], got {getattr(t, key)}")
     _require(0 < t.mlm_probability < 1, "train.mlm_probability", f"must be in (0, 1), got {t.mlm_probability}")
+    for name in t.loggers:
+        _require(name in LOGGERS, "train.loggers", f"unknown logger {name!r} ({', '.join(LOGGERS)})")
+    _require(t.tracker_mode in (None, "online", "offline"), "train.tracker_mode",
+             f"unknown mode {t.tracker_mode!r} (online or offline)")
+    _require(bool(t.project), "train.project", "must not be empty")
     check_device_name(t.device)
     _require(t.dtype in DTYPE_NAMES, "train.dtype", f"unknown dtype {t.dtype!r} ({', '.join(DTYPE_NAMES)})")
     _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
@@ -360,7 +376,8 @@ def validate(cfg: Config) -> None:
     _require(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     _require(bool(d.path), "data.path", "must name a file, directory, glob or builtin:python-docs")
     _require(bool(d.text_field), "data.text_field", "must not be empty")
-    _require(d.prepare_workers >= 0, "data.prepare_workers", f"must be >= 0 (0: one per CPU core), got {d.prepare_workers}")
+    _require(d.prepare_workers >= 0, "data.prepare_workers",
+             f"must be >= 0 (0: one per CPU core), got {d.prepare_workers}")
     _require(not (d.document_mask and d.layout == "padded"), "data.document_mask",
              "needs data.layout=packed (a padded row already holds a single document)")
     _require(not (d.sources and d.path != DataConfig.path), "data.sources",
@@ -369,7 +386,8 @@ def validate(cfg: Config) -> None:
         _require(bool(source.path), f"data.sources[{i}].path", "must name a file, directory, glob or builtin corpus")
         _require(source.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {source.weight}")
     _require(p.mode in ("ddp", "fsdp"), "parallel.mode", f"unknown mode {p.mode!r} (ddp or fsdp)")
-    _require(p.backend in ("auto", "nccl", "gloo"), "parallel.backend", f"unknown backend {p.backend!r} (auto, nccl or gloo)")
+    _require(p.backend in ("auto", "nccl", "gloo"), "parallel.backend",
+             f"unknown backend {p.backend!r} (auto, nccl or gloo)")
     _require(p.timeout_s > 0, "parallel.timeout_s", f"must be positive, got {p.timeout_s}")
     _require(not p.cpu_offload or p.mode == "fsdp", "parallel.cpu_offload",
              "offloads FSDP shards: it needs parallel.mode=fsdp")
@@ -378,4 +396,5 @@ def validate(cfg: Config) -> None:
                        ("model.intermediate_size", m.intermediate_size),
                        ("model.moe_intermediate_size", m.moe_intermediate_size if m.moe else 0)):
         _require(value % p.tensor_parallel == 0, key,
-                 f"{value} is not divisible by parallel.tensor_parallel={p.tensor_parallel} (each rank takes an equal slice)")
+                 f"{value} is not divisible by parallel.tensor_parallel={p.tensor_parallel} "
+                 "(each rank takes an equal slice)")

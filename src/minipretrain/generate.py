@@ -103,8 +103,8 @@ def fill_mask(model: MiniMind, tokenizer, text: str, top_k: int, start_id: int,
     scores[:, : tokenizer.first_ordinary_id] = float("-inf")  # masked LM never predicts special tokens
     scores[:, tokenizer.vocab_size:] = float("-inf")  # nor the ids the model has beyond the tokenizer's
     probs, top = scores.softmax(dim=-1).topk(min(top_k, tokenizer.vocab_size - tokenizer.first_ordinary_id))
-    predictions = [[(tokenizer.decode([t]), p) for t, p in zip(row_ids.tolist(), row_probs.tolist())]
-                   for row_ids, row_probs in zip(top, probs)]
+    predictions = [[(tokenizer.decode([t]), p) for t, p in zip(row_ids.tolist(), row_probs.tolist(), strict=True)]
+                   for row_ids, row_probs in zip(top, probs, strict=True)]
     for candidates in predictions:
         text = text.replace(MASK, candidates[0][0], 1)
     return text, predictions

@@ -292,7 +292,8 @@ class MiniMind(nn.Module):
         seq = input_ids.size(1)
         if start + seq > self.config.max_position_embeddings:
             raise ValueError(
-                f"sequence of {start + seq} tokens exceeds max_position_embeddings={self.config.max_position_embeddings}"
+                f"sequence of {start + seq} tokens exceeds "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
             )
         cos, sin = self.rope_cos[start : start + seq], self.rope_sin[start : start + seq]
         doc_mask = None

@@ -76,7 +76,7 @@ def dispatch(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, e
     order = expert_idx.flatten().argsort(stable=True)
     counts = torch.bincount(expert_idx.flatten(), minlength=len(experts)).tolist()  # one host sync per layer
     blocks = x[order // k].split(counts)
-    out = torch.cat([expert(block) for expert, block in zip(experts, blocks)])
+    out = torch.cat([expert(block) for expert, block in zip(experts, blocks, strict=True)])
     out = out * weights.flatten()[order].unsqueeze(-1).to(out.dtype)
     by_slot = torch.empty_like(out)
     by_slot[order] = out
@@ -120,7 +120,7 @@ def end_of_step(model: nn.Module, world, bias_update_rate: float) -> float | Non
         m.routed_tokens = None
     routed = torch.tensor(world.sum_over_dp(routed.flatten().tolist()), dtype=torch.float64).view(routed.shape)
     if bias_update_rate > 0:
-        for m, load in zip(layers, routed):
+        for m, load in zip(layers, routed, strict=True):
             step = torch.sign(load.mean() - load) * bias_update_rate
             m.expert_bias += step.to(m.expert_bias.device, m.expert_bias.dtype)
     return expert_balance(routed)

@@ -43,7 +43,7 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     return torch.device(name)
 
 
-@dataclass
+@dataclass(frozen=True)
 class World:
     """Where this process stands: its rank among all, its data-parallel rank, and its device."""
     rank: int = 0

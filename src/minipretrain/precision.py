@@ -45,8 +45,9 @@ def native_cpu_bf16() -> str | None:
 
 
 def resolve_precision(name: str, device: torch.device, key: str = "train.dtype") -> Precision:
-    """`train.dtype` (or the option `key`) on `device`. auto: bf16 on CUDA where supported (else fp16 with loss scaling), bf16 on a CPU
-    with native bf16 (else float32), float32 elsewhere. Explicit: bfloat16 on CUDA and CPU, float16 on CUDA only."""
+    """`train.dtype` (or the option `key`) on `device`. auto: bf16 on CUDA where supported (else fp16 with loss
+    scaling), bf16 on a CPU with native bf16 (else float32), float32 elsewhere. Explicit: bfloat16 on CUDA and CPU,
+    float16 on CUDA only."""
     if name == "auto":
         if device.type == "cuda":
             if torch.cuda.is_bf16_supported():
@@ -57,7 +58,8 @@ def resolve_precision(name: str, device: torch.device, key: str = "train.dtype")
             if feature:
                 return Precision(torch.bfloat16, f"auto: the CPU has native bf16 ({feature})")
             return Precision(torch.float32,
-                             "auto: the CPU has no native bf16 (AVX512-BF16 or AMX); train.dtype=bfloat16 would emulate it")
+                             "auto: the CPU has no native bf16 (AVX512-BF16 or AMX); "
+                             "train.dtype=bfloat16 would emulate it")
         return Precision(torch.float32, f"auto: no mixed precision on {device.type}")
     dtype = DTYPES[name]
     if dtype == torch.float16 and device.type != "cuda":

@@ -33,7 +33,8 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from each byte to a printable character: byte-level BPE vocabularies are spelled in these."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -52,7 +53,8 @@ class Tokenizer:
         self.source = source  # how errors name it: its directory when loaded from one
         for expected, token in enumerate(MINIMIND_TOKENS):
             if hf.token_to_id(token) != expected:
-                raise UserError(f"tokenizer: special token {token} must have id {expected}, has {hf.token_to_id(token)}")
+                raise UserError(f"tokenizer: special token {token} must have id {expected}, "
+                                f"has {hf.token_to_id(token)}")
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
         # The objective tokens' ids (None without them); ids from first_ordinary_id on are text, the only ones
         # fill-in-the-middle splits and masked LM chooses.

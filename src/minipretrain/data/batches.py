@@ -187,7 +187,7 @@ class MixtureSampler:
 
     def tokens_by_source(self) -> dict[str, int]:
         """Row positions drawn from each source so far (all ranks together)."""
-        return {name: n * rows.seq_len for name, n, rows in zip(self.names, self.drawn, self.rows)}
+        return {name: n * rows.seq_len for name, n, rows in zip(self.names, self.drawn, self.rows, strict=True)}
 
     def state_dict(self) -> dict:
         return {"drawn": list(self.drawn), "seed": self.seed, "names": list(self.names),

@@ -52,7 +52,7 @@ def text_segments(tokens: np.ndarray, first_ordinary_id: int) -> list[tuple[int,
     bos and padding, and at the row's edges."""
     is_text = np.concatenate([[False], tokens >= first_ordinary_id, [False]])
     edges = np.flatnonzero(is_text[1:] != is_text[:-1])
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def fim_layout(tokenizer, prefix: list[int], middle: list[int], suffix: list[int], length: int,

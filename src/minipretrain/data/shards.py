@@ -85,7 +85,7 @@ class ShardWriter:
 
     def _open(self) -> None:
         name = f"{self.split}_{len(self.shards):05d}.bin"
-        self._file = open(self.directory / name, "wb")
+        self._file = open(self.directory / name, "wb")  # noqa: SIM115 (open across add() calls; closed in _close)
         self._file.write(b"\0" * HEADER_SIZE)  # the real header is written when the shard closes
         self._name, self._tokens, self._bytes, self._starts = name, 0, 0, []
 

@@ -163,7 +163,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_dir() and list_checkpoints(path):
         raise CheckpointError(f"{path} has checkpoints but no `{LATEST}` pointer; pass one of them explicitly: "
                               + ", ".join(str(p) for p in list_checkpoints(path)))
-    raise CheckpointError(f"no checkpoint at {path} (expected a run directory with `{LATEST}` or a checkpoint directory)")
+    raise CheckpointError(f"no checkpoint at {path} "
+                          f"(expected a run directory with `{LATEST}` or a checkpoint directory)")
 
 
 def verify_checkpoint(ckpt: Path) -> dict:
@@ -247,21 +248,36 @@ def load_weights_and_optimizer(ckpt: Path, model: torch.nn.Module, optimizer: to
 def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     """Gather a checkpoint's weights into one model.safetensors: inside the checkpoint (out=None), or in a new
     directory `out` with the config and tokenizer (what generate, eval and export need, nothing else)."""
-    model, tokenizer, _, ckpt = load_model_from_checkpoint(path)
-    target = Path(out) if out is not None else ckpt
-    if target != ckpt:
-        if target.exists() and any(target.iterdir()):
-            raise CheckpointError(f"{target} exists and is not empty: choose a new --out directory")
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "config.toml"):
-            shutil.copyfile(ckpt / name, target / name)
-        tokenizer.save(target)
-    tmp = target / f".{MODEL_FILE}.tmp"
+    model, tokenizer, cfg, ckpt = load_model_from_checkpoint(path)
+    if out is not None and Path(out) != ckpt:
+        return write_model_checkpoint(out, model, cfg, tokenizer, json.loads((ckpt / META).read_text())["step"])
+    tmp = ckpt / f".{MODEL_FILE}.tmp"
     save_model(model, str(tmp))
-    os.replace(tmp, target / MODEL_FILE)
+    os.replace(tmp, ckpt / MODEL_FILE)
     meta = json.loads((ckpt / META).read_text())  # verified on load: the shards need not be hashed again
     unchanged = {f: digest for f, digest in meta["files"].items() if f != MODEL_FILE}
-    _write_meta(target, meta["step"], tokenizer.fingerprint, unchanged if target == ckpt else None)
+    _write_meta(ckpt, meta["step"], tokenizer.fingerprint, unchanged)
+    return ckpt
+
+
+def write_model_checkpoint(out: str | Path, model: MiniMind, cfg: Config, tokenizer: Tokenizer, step: int = 0) -> Path:
+    """A weights-only checkpoint directory (model.safetensors, configs, tokenizer, meta.json): what generate, eval
+    and export read. Written beside `out` and renamed into place, so a failure leaves nothing half-written; `out`
+    must not exist or be empty."""
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise CheckpointError(f"{target} exists and is not empty: choose a new --out directory")
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / MODEL_FILE))
+    (tmp / "config.json").write_text(json.dumps(model_config_json(cfg.model), indent=2) + "\n")
+    (tmp / "config.toml").write_text(cfg.to_toml())
+    tokenizer.save(tmp)
+    _write_meta(tmp, step, tokenizer.fingerprint)
+    if target.exists():
+        target.rmdir()
+    os.replace(tmp, target)
     return target
 
 

@@ -37,6 +37,7 @@ from minipretrain.parallel import (
     init_distributed,
     parallelize,
 )
+from minipretrain.plots import PLOT_FILE, write_run_plot
 from minipretrain.precision import (
     configure_device,
     load_scaler_state,
@@ -49,9 +50,10 @@ from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.metrics import MetricsLog
 from minipretrain.train.optim import build_optimizer
 from minipretrain.train.schedule import lr_at
+from minipretrain.train.trackers import TRACKER_DIRS, TRACKERS_FILE, Trackers, check_loggers
 
 RUN_FILES = ("metrics.jsonl", "samples.txt", "summary.json", "config.toml", "tokenizer", RUN_DATA_DIR,
-             ckpt_io.LATEST, ckpt_io.CHECKPOINTS_DIR)
+             ckpt_io.LATEST, ckpt_io.CHECKPOINTS_DIR, TRACKERS_FILE, *TRACKER_DIRS, PLOT_FILE)
 
 
 def log(message: str) -> None:
@@ -69,7 +71,8 @@ def _prepare_run_dir(run_dir: Path, resume: bool | str, overwrite: bool) -> Path
     if resume:
         source = run_dir if resume is True else Path(resume)
         if resume is True and not (run_dir / ckpt_io.LATEST).exists() and not ckpt_io.list_checkpoints(run_dir):
-            raise CheckpointError(f"nothing to resume in {run_dir}: it has no checkpoint; run without --resume to start")
+            raise CheckpointError(f"nothing to resume in {run_dir}: it has no checkpoint; "
+                                  "run without --resume to start")
         ckpt = ckpt_io.resolve_checkpoint(source)
         try:
             ckpt_io.verify_checkpoint(ckpt)
@@ -105,7 +108,7 @@ def _rewind_samples(path: Path, step: int) -> None:
     path.write_text("".join("--- step " + b for b in kept), encoding="utf-8")
 
 
-def accumulate_gradients(step_model, micro_batches, autocast, scaler, world: World = World(),
+def accumulate_gradients(step_model, micro_batches, autocast, scaler, world: World | None = None,
                          causal: bool = True) -> tuple[float, float]:
     """Forward and backward over this rank's micro-batches of a step; returns the step's mean loss over all ranks
     and its MoE balancing loss (0 for a dense model).
@@ -113,10 +116,11 @@ def accumulate_gradients(step_model, micro_batches, autocast, scaler, world: Wor
     Each micro-batch is weighted by its share of the global step's predicted tokens (the balancing loss, a mean
     over sequences, by its share of rows), so accumulating over micro-steps and ranks equals one big batch even
     when padding makes micro-batches unequal. `causal`: the model's attention, which decides what it predicts."""
+    world = World() if world is None else world
     counts = [int((prediction_targets(batch.labels, causal) != -100).sum()) for batch in micro_batches]
     total_count, total_rows = world.sum_over_dp([sum(counts), sum(len(batch.inputs) for batch in micro_batches)])
     step_loss = step_aux = 0.0
-    for i, (batch, count) in enumerate(zip(micro_batches, counts)):
+    for i, (batch, count) in enumerate(zip(micro_batches, counts, strict=True)):
         batch = batch.to(world.device)
         with gradient_sync(step_model, last_micro_step=i == len(micro_batches) - 1):
             with autocast:
@@ -145,8 +149,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
           show_progress: bool = True) -> dict:
     if cfg.train.deterministic:
         request_deterministic_cublas()  # before anything touches CUDA
+    check_loggers(cfg.train.loggers)  # a missing tracker package fails before any work
     world = init_distributed(cfg.parallel, cfg.train.device)
-    summary = _train(cfg, Path(run_dir), resume, overwrite, show_progress, world)
+    trackers = Trackers()  # started once the run directory and the resume step are known
+    try:
+        summary = _train(cfg, Path(run_dir), resume, overwrite, show_progress, world, trackers)
+    except BaseException:
+        trackers.close(failed=True)
+        raise
+    trackers.close()
     world.close()  # not on failure: peers may still wait in a collective, and torchrun stops them anyway
     return summary
 
@@ -165,7 +176,8 @@ def _load_data(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | Non
     return data
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show_progress: bool, world: World) -> dict:
+def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show_progress: bool, world: World,
+           trackers: Trackers) -> dict:
     t, main = cfg.train, world.is_main
     say = log if main else (lambda message: None)
     show_progress = show_progress and main
@@ -180,8 +192,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     if ckpt is not None:
         _check_same_model(ckpt_io.read_checkpoint_config(ckpt).model, cfg.model, ckpt)
         state = ckpt_io.load_train_state(ckpt)
+        if state["step"] >= t.max_steps:  # before the trackers continue their runs, and before the data work
+            raise UserError(f"{ckpt} is already at step {state['step']} >= train.max_steps={t.max_steps}: "
+                            f"raise it (--set train.max_steps=N) to train further")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # Before the data work, so that a tracker that cannot start (no login, no network) fails fast.
+        trackers.start(cfg, run_dir, state["step"] if state else 0)
     configure_device(device, t.deterministic)
     seed_everything(t.seed)  # the same initial weights on every rank
 
@@ -216,12 +233,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
             seed_everything(t.seed + 1_000_003 * step + world.dp_rank)
             say(f"the checkpoint was saved by another number of processes than this run's {world.size}: random "
                 "number generators re-seeded (dropout masks differ from an uninterrupted run)")
-        if step >= t.max_steps:
-            raise UserError(f"{ckpt} is already at step {step} >= train.max_steps={t.max_steps}: "
-                            f"raise it (--set train.max_steps=N) to train further")
         say(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)")
     step_model = torch.compile(step_model) if t.compile else step_model
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step) if main else None
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, trackers=trackers) if main else None
     if main:
         _rewind_samples(run_dir / "samples.txt", step)
 
@@ -230,8 +244,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
             "step": step, "tokens": tokens, "elapsed": elapsed(), "scaler": scaler.state_dict(),
             "data": batches.state_dict(),
         }
-        return ckpt_io.save_checkpoint(run_dir, step, model, optimizer, cfg, tokenizer, train_state,
-                                       t.keep_checkpoints, world)
+        saved = ckpt_io.save_checkpoint(run_dir, step, model, optimizer, cfg, tokenizer, train_state,
+                                        t.keep_checkpoints, world)
+        if main:
+            write_run_plot(run_dir)  # never fails training: a plotting error is a warning
+        return saved
 
     def evaluate_sets(sets: dict) -> dict:
         return {name: evaluate(model, rows, t.batch_size, token_bytes, t.eval_batches, str(device), autocast,

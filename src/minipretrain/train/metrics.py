@@ -1,4 +1,5 @@
-"""metrics.jsonl: one JSON object per logged step (and per validation), flushed as it is written."""
+"""metrics.jsonl: one JSON object per logged step (and per validation), flushed as it is written, and passed on
+to the experiment trackers (trackers.py)."""
 
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def _parse(line: str) -> dict | None:
 
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_step: int = 0):
-        self.path = path
+    def __init__(self, path: Path, resume_step: int = 0, trackers=None):
+        self.path, self.trackers = path, trackers
         if resume_step and path.exists():
             # A resumed run rewrites its history from the checkpoint on: drop what came after it.
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
@@ -52,15 +53,19 @@ class MetricsLog:
             os.replace(tmp, path)
         elif not resume_step and path.exists():
             path.unlink()
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole run, closed by close())
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def close(self) -> None:
         self.file.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The records of a metrics.jsonl, without the torn last line of a run killed while writing it."""
+    return [record for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if (record := _parse(line)) is not None]

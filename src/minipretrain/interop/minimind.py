@@ -1,0 +1,94 @@
+"""Import the weights MiniMind's own trainer writes: `torch.save({k: v.half() for k, v in state_dict})`, a `.pth`
+(`pretrain_768.pth`, `pretrain_512_moe.pth`, ...), or its `*_resume.pth` (the weights under "model").
+
+    import_minimind("out/pretrain_768.pth", "../minimind/model", "imported/mm3")
+
+MiniMind's names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight` tied), so the
+import is a rename. The file holds no config: the shape is read from the tensors (hidden size, layers, heads from
+the QK-norm width, kv heads, SwiGLU width, experts), and what tensors cannot tell takes MiniMind's defaults —
+8 attention heads when there is no QK-norm to count them (MiniMind2), rms eps 1e-6 with QK-norm (MiniMind-3) and
+1e-5 without (MiniMind2), RoPE theta 1e6, top-1 routing for MoE. `--config` or `--set model.KEY=...` override them.
+Loading uses `torch.load(weights_only=True)`: a .pth cannot run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from minipretrain.config import load_config, toml_value
+from minipretrain.errors import UserError
+from minipretrain.interop.hf import load_checked
+from minipretrain.model import MiniMind
+from minipretrain.tokenizer import Tokenizer
+from minipretrain.train.checkpoint import write_model_checkpoint
+
+MINIMIND2_HEADS = 8  # MiniMind's default head count, used when no QK-norm weight gives the head width
+
+
+def read_pth(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a MiniMind .pth, names without the `model.` prefix, the tied head dropped."""
+    if not path.is_file():
+        raise UserError(f"--pth {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors have no common base class
+        raise UserError(f"--pth {path} cannot be read as a weights-only state dict ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a *_resume.pth
+        state = state["model"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"--pth {path} is not a state dict of tensors (MiniMind's trainer saves one per checkpoint)")
+    state = {k.removeprefix("_orig_mod.").removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+    head = state.pop("lm_head.weight", None)
+    if "embed_tokens.weight" not in state:
+        raise UserError(f"--pth {path} has no model.embed_tokens.weight: not a MiniMind language model")
+    if head is not None and not torch.equal(head, state["embed_tokens.weight"]):
+        raise UserError(f"--pth {path}: lm_head.weight differs from the embedding (an untied model); "
+                        "minipretrain's MiniMind ties them")
+    return state
+
+
+def infer_model_config(state: dict[str, torch.Tensor], source: str) -> dict:
+    """ModelConfig keys read from the tensors' shapes, MiniMind's defaults for what shapes cannot tell."""
+    try:
+        return _infer(state)
+    except KeyError as e:
+        raise UserError(f"{source} has no model.{e.args[0]}: not a MiniMind language model "
+                        "(or a truncated file)") from None
+
+
+def _infer(state: dict[str, torch.Tensor]) -> dict:
+    vocab, hidden = state["embed_tokens.weight"].shape
+    layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
+    qk_norm = "layers.0.self_attn.q_norm.weight" in state
+    head_dim = state["layers.0.self_attn.q_norm.weight"].numel() if qk_norm else hidden // MINIMIND2_HEADS
+    moe = "layers.0.mlp.gate.weight" in state
+    ffn = "layers.0.mlp.experts.0.gate_proj.weight" if moe else "layers.0.mlp.gate_proj.weight"
+    keys = {"vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": state["layers.0.self_attn.q_proj.weight"].size(0) // head_dim,
+            "num_key_value_heads": state["layers.0.self_attn.k_proj.weight"].size(0) // head_dim,
+            "intermediate_size": state[ffn].size(0), "qk_norm": qk_norm, "rms_norm_eps": 1e-6 if qk_norm else 1e-5,
+            "rope_theta": 1e6, "max_position_embeddings": 32768}
+    if moe:
+        keys.update(moe=True, num_experts=state["layers.0.mlp.gate.weight"].size(0), num_experts_per_tok=1,
+                    moe_intermediate_size=state[ffn].size(0), router_aux_loss_coef=5e-4)
+    return keys
+
+
+def import_minimind(pth: str | Path, tokenizer_dir: str | Path, out: str | Path, config: str | None = None,
+                    overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """A checkpoint directory in `out` from a MiniMind .pth and MiniMind's tokenizer directory. The model shape
+    comes from `config` (a preset) when given, else from the tensors; `overrides` (`model.KEY=VALUE`) go on top."""
+    state = read_pth(Path(pth))
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    shape = {} if config else infer_model_config(state, f"--pth {pth}")
+    inferred = [f"model.{k}={toml_value(v)}" for k, v in shape.items()]
+    cfg = load_config(config, [*inferred, *overrides])
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"--tokenizer {tokenizer_dir} has {tokenizer.vocab_size} tokens but the model only "
+                        f"{cfg.model.vocab_size} embeddings: pass the tokenizer the model was trained with")
+    cfg.data.tokenizer = str(Path(tokenizer_dir).resolve())
+    model = MiniMind(cfg.model)
+    load_checked(model, state, f"--pth {pth}")
+    return write_model_checkpoint(out, model, cfg, tokenizer)
