@@ -67,9 +67,11 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, tokenizer_dir,
     assert hf_tokenizer.eos_token_id == 2 and hf_tokenizer.pad_token_id == 0
 
 
-@pytest.mark.parametrize("name,overrides,architecture", LAYOUTS[:3], ids=[layout[0] for layout in LAYOUTS[:3]])
+@pytest.mark.parametrize("name,overrides,architecture", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
 def test_export_then_import_gives_identical_weights(tmp_path, tokenizer_dir, name, overrides, architecture):
-    ckpt = random_checkpoint(tmp_path / "ckpt", tokenizer_dir, *overrides)
+    # training-only settings too: they travel in config.json's "minipretrain" entry
+    ckpt = random_checkpoint(tmp_path / "ckpt", tokenizer_dir, *overrides, "model.dropout=0.1",
+                             "model.router_aux_loss_coef=0.02", "model.seq_aux=false")
     main(["export", "hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf")])
     main(["import", "hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
     before, after = load_model_from_checkpoint(ckpt)[0], load_model_from_checkpoint(tmp_path / "back")[0]
@@ -179,10 +181,14 @@ def test_import_minimind_pth_matches_minimind_logits(tmp_path, capsys, moe):
     assert tokenizer.vocab_size == 6400
 
 
-def test_import_minimind2_layout_without_qk_norm(tmp_path, tokenizer_dir):
-    """MiniMind2's .pth has no q_norm / k_norm: 8 heads (MiniMind's default) and rms eps 1e-5 are assumed."""
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_import_minimind2_layout_without_qk_norm(tmp_path, tokenizer_dir, moe):
+    """MiniMind2's .pth has no q_norm / k_norm: 8 heads (MiniMind's default) and rms eps 1e-5 are assumed; its MoE
+    routes top-2 and has a shared expert, counted from the tensors."""
+    moe_keys = ["model.moe=true", "model.num_experts=4", "model.num_experts_per_tok=2",
+                "model.num_shared_experts=1"] if moe else []
     cfg = tiny_config("model.hidden_size=64", "model.num_attention_heads=8", "model.num_key_value_heads=2",
-                      "model.vocab_size=320")
+                      "model.vocab_size=320", *moe_keys)
     torch.manual_seed(0)
     model = MiniMind(cfg.model)
     state = {f"model.{k}" if k != "lm_head.weight" else k: v.half() for k, v in model.state_dict().items()}
@@ -192,6 +198,9 @@ def test_import_minimind2_layout_without_qk_norm(tmp_path, tokenizer_dir):
     ours, _, imported, _ = load_model_from_checkpoint(tmp_path / "ck")
     assert (imported.model.num_attention_heads, imported.model.num_key_value_heads, imported.model.qk_norm,
             imported.model.rms_norm_eps) == (8, 2, False, 1e-5)
+    if moe:
+        assert (imported.model.num_experts, imported.model.num_experts_per_tok,
+                imported.model.num_shared_experts) == (4, 2, 1)
     for k, v in model.state_dict().items():
         assert torch.equal(ours.state_dict()[k], v.half().float()), k
 
@@ -212,6 +221,11 @@ def test_export_and_import_refuse_what_does_not_fit(tmp_path, tokenizer_dir, cap
     untied = tmp_path / "untied"
     shutil.copytree(tmp_path / "hf", untied)
     (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "hf", broken)
+    (broken / "config.json").write_text("{not json")
+    no_layers = tmp_path / "no_layers.pth"
+    torch.save({"model.embed_tokens.weight": torch.zeros(320, 32)}, no_layers)
     bad_pth = tmp_path / "bad.pth"
     torch.save({"model.embed_tokens.weight": torch.zeros(320, 32), "model.layers.0.self_attn.q_proj.weight":
                 torch.zeros(32, 32)}, bad_pth)
@@ -220,7 +234,12 @@ def test_export_and_import_refuse_what_does_not_fit(tmp_path, tokenizer_dir, cap
         "model.num_shared_experts=1: no stock transformers class": [*export, str(shared), *out],
         "a masked LM (model.attention=bidirectional)": [*export, str(mlm), *out],
         "--out " + str(tmp_path / "a_file") + " is a file": [*export, str(ckpt), "--out", str(tmp_path / "a_file")],
-        "exists and is not an empty directory": [*export, str(ckpt), "--out", str(tmp_path / "hf")],
+        "is a directory that is not empty": [*export, str(ckpt), "--out", str(tmp_path / "hf")],
+        "not empty: choose a new directory": ["import", "hf", "--model", str(tmp_path / "hf"), "--out",
+                                              str(tmp_path / "hf")],
+        "config.json: not a readable JSON file": ["import", "hf", "--model", str(broken), *out],
+        "the tensors do not have MiniMind's shapes": ["import", "minimind", "--pth", str(no_layers), "--tokenizer",
+                                                      str(tokenizer_dir), *out],
         "no checkpoint at": [*export, str(tmp_path / "missing"), *out],
         "layers.0.mlp.gate_proj.weight has shape (128, 32) but the config needs (96, 32)":
             ["import", "hf", "--model", str(wrong), *out],
@@ -233,6 +252,16 @@ def test_export_and_import_refuse_what_does_not_fit(tmp_path, tokenizer_dir, cap
             ["import", "minimind", "--pth", str(bad_pth), "--tokenizer", str(tokenizer_dir), *out],
     }, capsys)
     assert not (tmp_path / "new").exists()  # nothing half-written
+
+
+def test_verify_refuses_a_difference_or_nan(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    from minipretrain.interop import hf
+
+    ckpt = random_checkpoint(tmp_path / "ckpt", tokenizer_dir)
+    for i, difference in enumerate([float("nan"), 3e-3]):
+        monkeypatch.setattr(hf, "verify_export", lambda *args, d=difference: d)
+        assert_cli_errors({"please report this as a bug": ["export", "hf", "--ckpt", str(ckpt), "--out",
+                                                            str(tmp_path / f"hf{i}"), "--verify"]}, capsys)
 
 
 def test_export_without_transformers_names_the_extra(tmp_path, tokenizer_dir, capsys, monkeypatch):

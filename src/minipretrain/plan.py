@@ -580,7 +580,8 @@ def format_plan(plan: dict) -> str:
         ("active per token", f"{p['active']:,}" + (" (mixture of experts)" if p["moe"] else " (dense: all)")),
         ("per layer", f"{p['per_layer']:,} x {p['layers']} layers")])
     section("compute", [
-        ("FLOPs per token", f"{_num(f['per_token'])} = {f['formula']} = {_num(f['parameter_term'])} + "
+        ("FLOPs per token", f"{_num(f['per_token'])} = {f['formula'].split(' = ', 1)[1]} = "
+                            f"{_num(f['parameter_term'])} + "
                             f"{_num(f['attention_term'])} (T = {f['seq_len']})"),
         ("tokens per step", f"{b['tokens_per_step']:,} = batch {b['batch_size']} x devices {b['devices']} x "
                             f"accum {b['grad_accum']} x seq {b['seq_len']}"),

@@ -17,8 +17,6 @@ Nothing here imports `transformers`: writing and reading the files needs only sa
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from safetensors.torch import save_file
 
 from minipretrain.config import Config, ModelConfig, validate
 from minipretrain.errors import ConfigError, UserError
+from minipretrain.fileio import new_directory
 from minipretrain.model import MiniMind
 from minipretrain.tokenizer import Tokenizer
 from minipretrain.train.checkpoint import load_model_from_checkpoint, write_model_checkpoint
@@ -35,6 +34,9 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen
                  "mixtral": "MixtralForCausalLM"}
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHTS_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+# Settings that change training, not the function a model computes: kept in config.json under "minipretrain" so
+# that export then import gives back the same config (transformers ignores the entry).
+TRAINING_KEYS = ("dropout", "seq_aux", "router_aux_loss_coef", "initializer_range", "intermediate_size")
 # Mixtral's checkpoint names for the MoE block and its experts' three matrices (ours follow Qwen / MiniMind).
 MIXTRAL_RENAMES = ((".mlp.", ".block_sparse_moe."), (".gate_proj.", ".w1."), (".up_proj.", ".w3."),
                    (".down_proj.", ".w2."))
@@ -62,7 +64,7 @@ def hf_model_type(m: ModelConfig) -> str:
     return "mixtral"
 
 
-def hf_config(m: ModelConfig, model_type: str, dtype: str) -> dict:
+def hf_config(m: ModelConfig, model_type: str, dtype: str, tokenizer: Tokenizer) -> dict:
     """config.json for `model_type`, every field that affects the computation written out (no class defaults)."""
     config = {
         "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": m.vocab_size,
@@ -73,8 +75,9 @@ def hf_config(m: ModelConfig, model_type: str, dtype: str) -> dict:
         # transformers 4.x reads rope_theta, 5.x rope_parameters (and converts rope_theta)
         "rope_theta": m.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
         "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True,
-        "initializer_range": m.initializer_range, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-        "use_cache": True, "torch_dtype": dtype,
+        "initializer_range": m.initializer_range, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id, "use_cache": True, "torch_dtype": dtype,
+        "minipretrain": {key: getattr(m, key) for key in TRAINING_KEYS},
     }
     if model_type == "llama":
         config.update(mlp_bias=False, pretraining_tp=1)
@@ -109,16 +112,6 @@ def from_hf_name(name: str, model_type: str) -> str:
     return name.removeprefix("model.")
 
 
-def _directory_for_writing(out: Path) -> Path:
-    """A temporary sibling of `out` to write into (renamed into place when complete); `out` must be new or empty."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} exists and is not an empty directory: choose a new directory")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32") -> tuple[Path, str]:
     """Write `out` (weights, config.json, generation_config.json, tokenizer) from a checkpoint, single-process or
     sharded (DCP); returns (out, the model type)."""
@@ -126,20 +119,17 @@ def export_hf(ckpt: str | Path, out: str | Path, dtype: str = "float32") -> tupl
         raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(EXPORT_DTYPES)}")
     model, tokenizer, cfg, _ = load_model_from_checkpoint(ckpt)
     model_type = hf_model_type(cfg.model)  # refused before anything is written
-    out = Path(out)
-    tmp = _directory_for_writing(out)
     # The tied head is the embedding: transformers re-ties it from tie_word_embeddings, so it is stored once.
     tensors = {to_hf_name(name, model_type): tensor.detach().to(EXPORT_DTYPES[dtype]).contiguous()
                for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg.model, model_type, dtype), indent=2) + "\n")
-    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tokenizer.save(tmp)
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
-    return out, model_type
+    config = hf_config(cfg.model, model_type, dtype, tokenizer)
+    generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    with new_directory(out) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        tokenizer.save(tmp)
+    return Path(out), model_type
 
 
 def _field(config: dict, key: str, source: str, default=None):
@@ -160,7 +150,11 @@ def model_config_from_hf(config: dict, source: str) -> ModelConfig:
         if not condition:
             raise UserError(f"{source}: {what}, which the MiniMind model cannot express")
 
-    hidden, heads = _field(config, "hidden_size", source), _field(config, "num_attention_heads", source)
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
+                "max_position_embeddings"):
+        if not isinstance(config.get(key), int) or config[key] <= 0:
+            raise UserError(f"{source}: {key} must be a positive integer, got {config.get(key)!r}")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
     require(config.get("hidden_act", "silu") == "silu", f"hidden_act is {config.get('hidden_act')!r}, not silu")
     require(not config.get("attention_bias") and not config.get("mlp_bias"), "it has bias terms")
     require(config.get("tie_word_embeddings") is True, "its output head is not tied to the embedding "
@@ -193,13 +187,16 @@ def model_config_from_hf(config: dict, source: str) -> ModelConfig:
         m.moe_intermediate_size = config.get("moe_intermediate_size", width) if model_type == "qwen3_moe" else width
         m.norm_topk_prob = bool(config.get("norm_topk_prob", True)) if model_type == "qwen3_moe" else True
         m.router_aux_loss_coef = float(config.get("router_aux_loss_coef", 0.01))
+    for key, value in (config.get("minipretrain") or {}).items():  # written by our export: training settings
+        if key in TRAINING_KEYS and (key != "intermediate_size" or moe):  # a dense width is in the shapes
+            setattr(m, key, value)
     return m
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a transformers directory: one model.safetensors or the shards its index lists."""
     if (directory / INDEX_FILE).is_file():
-        files = sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
+        files = sorted(set(read_json(directory / INDEX_FILE).get("weight_map", {}).values()))
     elif (directory / WEIGHTS_FILE).is_file():
         files = [WEIGHTS_FILE]
     else:
@@ -207,9 +204,22 @@ def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
                         "a pickled pytorch_model.bin is never loaded)")
     tensors = {}
     for name in files:
-        with safe_open(str(directory / name), framework="pt") as f:
-            tensors.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118 (safe_open has no iterator)
+        try:
+            with safe_open(str(directory / name), framework="pt") as f:
+                tensors.update({key: f.get_tensor(key) for key in f.keys()})  # noqa: SIM118 (no iterator)
+        except Exception as e:  # safetensors raises its own error types, and OSError for a missing file
+            raise UserError(f"{directory / name}: cannot be read as safetensors ({e})") from None
     return tensors
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value
 
 
 def _split_fused_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -229,6 +239,13 @@ def _split_fused_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
         else:
             out[name] = tensor
     return out
+
+
+def check_tied(head: torch.Tensor | None, embedding: torch.Tensor, source: str) -> None:
+    """The output head, when a file stores it, must be the embedding: our model ties them."""
+    if head is not None and not torch.equal(head, embedding):
+        raise UserError(f"{source}: lm_head.weight differs from the embedding: the model is not tied "
+                        "(minipretrain's MiniMind ties them)")
 
 
 def load_checked(model: MiniMind, state: dict[str, torch.Tensor], source: str) -> None:
@@ -255,7 +272,7 @@ def import_hf(model_dir: str | Path, out: str | Path) -> tuple[Path, ModelConfig
     directory = Path(model_dir)
     if not (directory / "config.json").is_file():
         raise UserError(f"--model {directory}: no config.json (expected a transformers model directory)")
-    config = json.loads((directory / "config.json").read_text())
+    config = read_json(directory / "config.json")
     model_cfg = model_config_from_hf(config, str(directory / "config.json"))
     model_type = config["model_type"]
     tokenizer = Tokenizer.load(directory)
@@ -265,8 +282,7 @@ def import_hf(model_dir: str | Path, out: str | Path) -> tuple[Path, ModelConfig
     tensors = _split_fused_experts(read_safetensors(directory))
     tensors = {from_hf_name(k, model_type): v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     head = tensors.pop("lm_head.weight", None)
-    if head is not None and not torch.equal(head, tensors.get("embed_tokens.weight", head)):
-        raise UserError(f"{directory}: lm_head.weight differs from the embedding: the model is not tied")
+    check_tied(head, tensors.get("embed_tokens.weight", head), str(directory))
     cfg = Config(model=model_cfg)
     cfg.train.seq_len = min(cfg.train.seq_len, model_cfg.max_position_embeddings)
     validate(cfg)
@@ -291,7 +307,7 @@ def verify_export(ckpt: str | Path, out: str | Path, rows: int = 2, seq_len: int
     auto_model = transformers_auto_model("--verify")
     ours, tokenizer, cfg, _ = load_model_from_checkpoint(ckpt)
     theirs = auto_model.from_pretrained(str(out), dtype=torch.float32).eval()
-    stored = EXPORT_DTYPES[json.loads((Path(out) / "config.json").read_text())["torch_dtype"]]
+    stored = EXPORT_DTYPES[read_json(Path(out) / "config.json")["torch_dtype"]]
     # ours with its weights rounded as the export stored them: the comparison isolates the architecture mapping
     ours.load_state_dict({k: v.to(stored).float() for k, v in ours.state_dict().items()})
     length = min(seq_len, cfg.model.max_position_embeddings)

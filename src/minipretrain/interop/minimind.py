@@ -7,7 +7,7 @@ MiniMind's names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, `
 import is a rename. The file holds no config: the shape is read from the tensors (hidden size, layers, heads from
 the QK-norm width, kv heads, SwiGLU width, experts), and what tensors cannot tell takes MiniMind's defaults —
 8 attention heads when there is no QK-norm to count them (MiniMind2), rms eps 1e-6 with QK-norm (MiniMind-3) and
-1e-5 without (MiniMind2), RoPE theta 1e6, top-1 routing for MoE. `--config` or `--set model.KEY=...` override them.
+1e-5 without (MiniMind2), RoPE theta 1e6, MoE routing top-1 (MiniMind-3) or top-2 (MiniMind2). `--config` or `--set model.KEY=...` override them.
 Loading uses `torch.load(weights_only=True)`: a .pth cannot run code.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 from minipretrain.config import load_config, toml_value
 from minipretrain.errors import UserError
-from minipretrain.interop.hf import load_checked
+from minipretrain.interop.hf import check_tied, load_checked
 from minipretrain.model import MiniMind
 from minipretrain.tokenizer import Tokenizer
 from minipretrain.train.checkpoint import write_model_checkpoint
@@ -43,9 +43,7 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
     head = state.pop("lm_head.weight", None)
     if "embed_tokens.weight" not in state:
         raise UserError(f"--pth {path} has no model.embed_tokens.weight: not a MiniMind language model")
-    if head is not None and not torch.equal(head, state["embed_tokens.weight"]):
-        raise UserError(f"--pth {path}: lm_head.weight differs from the embedding (an untied model); "
-                        "minipretrain's MiniMind ties them")
+    check_tied(head, state["embed_tokens.weight"], f"--pth {path}")
     return state
 
 
@@ -56,6 +54,8 @@ def infer_model_config(state: dict[str, torch.Tensor], source: str) -> dict:
     except KeyError as e:
         raise UserError(f"{source} has no model.{e.args[0]}: not a MiniMind language model "
                         "(or a truncated file)") from None
+    except (ValueError, IndexError, ZeroDivisionError) as e:  # no layers, odd names, a tensor of the wrong rank
+        raise UserError(f"{source}: the tensors do not have MiniMind's shapes ({e}): pass --config") from None
 
 
 def _infer(state: dict[str, torch.Tensor]) -> dict:
@@ -70,9 +70,11 @@ def _infer(state: dict[str, torch.Tensor]) -> dict:
             "num_key_value_heads": state["layers.0.self_attn.k_proj.weight"].size(0) // head_dim,
             "intermediate_size": state[ffn].size(0), "qk_norm": qk_norm, "rms_norm_eps": 1e-6 if qk_norm else 1e-5,
             "rope_theta": 1e6, "max_position_embeddings": 32768}
-    if moe:
-        keys.update(moe=True, num_experts=state["layers.0.mlp.gate.weight"].size(0), num_experts_per_tok=1,
-                    moe_intermediate_size=state[ffn].size(0), router_aux_loss_coef=5e-4)
+    if moe:  # MiniMind-3 routes each token to 1 expert, MiniMind2 to 2 (plus its shared expert)
+        shared = len({k.split(".")[4] for k in state if k.startswith("layers.0.mlp.shared_experts.")})
+        keys.update(moe=True, num_experts=state["layers.0.mlp.gate.weight"].size(0),
+                    num_experts_per_tok=1 if qk_norm else 2, num_shared_experts=shared,
+                    moe_intermediate_size=state[ffn].size(0), router_aux_loss_coef=5e-4 if qk_norm else 0.1)
     return keys
 
 

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from minipretrain.config import Config, ModelConfig, load_config
 from minipretrain.errors import CheckpointError
-from minipretrain.fileio import fsync_path, sha256_file, write_atomic
+from minipretrain.fileio import fsync_path, new_directory, sha256_file, write_atomic
 from minipretrain.model import MiniMind
 from minipretrain.parallel import World
 from minipretrain.tokenizer import Tokenizer
@@ -264,21 +264,13 @@ def write_model_checkpoint(out: str | Path, model: MiniMind, cfg: Config, tokeni
     """A weights-only checkpoint directory (model.safetensors, configs, tokenizer, meta.json): what generate, eval
     and export read. Written beside `out` and renamed into place, so a failure leaves nothing half-written; `out`
     must not exist or be empty."""
-    target = Path(out)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise CheckpointError(f"{target} exists and is not empty: choose a new --out directory")
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, str(tmp / MODEL_FILE))
-    (tmp / "config.json").write_text(json.dumps(model_config_json(cfg.model), indent=2) + "\n")
-    (tmp / "config.toml").write_text(cfg.to_toml())
-    tokenizer.save(tmp)
-    _write_meta(tmp, step, tokenizer.fingerprint)
-    if target.exists():
-        target.rmdir()
-    os.replace(tmp, target)
-    return target
+    with new_directory(out) as tmp:
+        save_model(model, str(tmp / MODEL_FILE))
+        (tmp / "config.json").write_text(json.dumps(model_config_json(cfg.model), indent=2) + "\n")
+        (tmp / "config.toml").write_text(cfg.to_toml())
+        tokenizer.save(tmp)
+        _write_meta(tmp, step, tokenizer.fingerprint)
+    return Path(out)
 
 
 _DCP_METADATA_ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),

@@ -22,7 +22,7 @@ def gpu_peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
     """The dense peak of a GPU (as torch.cuda.get_device_name names it) for a run in `dtype`, or None for a GPU
     not in the table."""
     for fragment, half_precision, tf32 in GPU_PEAK_TFLOPS:
-        if fragment in device_name:
+        if fragment.lower() in device_name.lower():
             return tf32 if dtype == torch.float32 else half_precision
     return None
 

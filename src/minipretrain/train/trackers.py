@@ -36,7 +36,7 @@ def check_loggers(loggers: list[str]) -> None:
             continue
         try:
             importlib.import_module(name)
-        except ImportError:
+        except Exception:  # missing, or broken (e.g. a protobuf mismatch): either way it cannot log
             raise ConfigError(f'train.loggers: "{name}" needs the {name} package: '
                               f"pip install 'minipretrain[{name}]'") from None
 
