@@ -7,7 +7,8 @@ MiniMind's names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, `
 import is a rename. The file holds no config: the shape is read from the tensors (hidden size, layers, heads from
 the QK-norm width, kv heads, SwiGLU width, experts), and what tensors cannot tell takes MiniMind's defaults —
 8 attention heads when there is no QK-norm to count them (MiniMind2), rms eps 1e-6 with QK-norm (MiniMind-3) and
-1e-5 without (MiniMind2), RoPE theta 1e6, MoE routing top-1 (MiniMind-3) or top-2 (MiniMind2). `--config` or `--set model.KEY=...` override them.
+1e-5 without (MiniMind2), RoPE theta 1e6, MoE routing top-1 (MiniMind-3) or top-2 (MiniMind2). `--config` or
+`--set model.KEY=...` override them.
 Loading uses `torch.load(weights_only=True)`: a .pth cannot run code.
 """
 
