@@ -277,3 +277,72 @@ def test_resume_drops_a_torn_metrics_line_and_later_steps(tmp_path):
     log.write({"step": 3, "loss": 2.3})
     log.close()
     assert read_metrics(path) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 3, "loss": 2.3}]
+
+
+def test_a_run_directory_in_use_is_refused_and_freed_when_its_process_dies(tmp_path, shakespeare, tokenizer_dir,
+                                                                            capsys):
+    from conftest import data_overrides
+
+    from minipretrain.cli import main
+
+    run = tmp_path / "run"
+    config = tmp_path / "config.toml"
+    config.write_text(tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=2").to_toml())
+    # another process holds the run directory, as a run still training there would
+    hold = ("import sys, time; from pathlib import Path; from minipretrain.fileio import DirectoryLock; "
+            "lock = DirectoryLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (run / "metrics.jsonl").write_text("{}\n")  # the other run's files
+        train_argv = ["train", "--config", str(config), "--run-dir", str(run), "--no-progress"]
+        assert_cli_errors({f"is in use by another run (pid {holder.pid} on": [*train_argv, "--overwrite"],
+                           "is in use by another run": [*train_argv, "--resume"]}, capsys)
+        assert (run / "metrics.jsonl").read_text() == "{}\n"  # nothing of the running run was deleted
+    finally:
+        holder.kill()
+        holder.wait()
+    main([*train_argv, "--overwrite"])  # the lock died with its process: no stale lock
+    assert step_losses(run).keys() == {1, 2}
+    main([*train_argv, "--overwrite"])  # and a finished run released it
+
+
+def _val_losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["val_loss"] for m in read_metrics(run / "metrics.jsonl") if "val_loss" in m}
+
+
+def test_init_from_starts_a_fresh_run_from_a_checkpoints_weights(tmp_path, shakespeare, tokenizer_dir, capsys):
+    from conftest import data_overrides
+
+    from minipretrain.cli import main
+
+    data = data_overrides(shakespeare, tokenizer_dir)
+    train(tiny_config(*data, "train.max_steps=6"), tmp_path / "base", show_progress=False)
+    base_final = _val_losses(tmp_path / "base")[6]
+    # a new run from its weights: step 0 scores exactly what the base model scored at its end
+    follow = tiny_config(*data, "train.max_steps=4", "train.save_every=2", "optim.lr=1e-3",
+                         f"train.init_from={json.dumps(str(tmp_path / 'base'))}")
+    train(follow, tmp_path / "follow", show_progress=False)
+    assert _val_losses(tmp_path / "follow")[0] == pytest.approx(base_final, abs=1e-6)
+    assert min(step_losses(tmp_path / "follow")) == 1  # a fresh step count
+    assert "initialized from" in capsys.readouterr().out
+    # such a run resumes like any other: stopped at 2, resumed to 4, the same losses
+    train(tiny_config(*data, "train.max_steps=2", "train.save_every=2", "optim.lr=1e-3",
+                      f"train.init_from={json.dumps(str(tmp_path / 'base'))}"), tmp_path / "split", show_progress=False)
+    train(follow, tmp_path / "split", resume=True, show_progress=False)
+    assert step_losses(tmp_path / "split") == pytest.approx(step_losses(tmp_path / "follow"), abs=1e-6)
+    # from what `import hf` wrote: the same weights, the same start
+    pytest.importorskip("transformers")
+    main(["export", "hf", "--ckpt", str(tmp_path / "base"), "--out", str(tmp_path / "hf")])
+    main(["import", "hf", "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")])
+    train(tiny_config(*data, "train.max_steps=1", f"train.init_from={json.dumps(str(tmp_path / 'imported'))}"),
+          tmp_path / "from_hf", show_progress=False)
+    assert _val_losses(tmp_path / "from_hf")[0] == pytest.approx(base_final, abs=1e-6)
+    # refused before the run directory is made: a missing checkpoint, another model shape
+    for bad, message in [(str(tmp_path / "missing"), "train.init_from: no checkpoint at"),
+                         (str(tmp_path / "base"), "cannot start from")]:
+        extra = ["model.num_hidden_layers=3"] if message == "cannot start from" else []
+        with pytest.raises(CheckpointError, match=message):
+            train(tiny_config(*data, *extra, f"train.init_from={json.dumps(bad)}"), tmp_path / "new",
+                  show_progress=False)
+        assert not (tmp_path / "new").exists()

@@ -157,6 +157,9 @@ class TrainConfig:
     fim_rate: float = 0.5  # fim: share of documents rearranged into prefix / suffix / middle
     fim_spm_rate: float = 0.5  # fim: share of those laid out suffix-prefix-middle (SPM) instead of PSM
     mlm_probability: float = 0.15  # mlm: share of tokens chosen for prediction (80% masked, 10% random, 10% kept)
+    # Continual pretraining: a fresh run (new optimizer, schedule, step 0) starting from a checkpoint's weights
+    # (a run, a checkpoint directory, or what `minipretrain import` wrote); the model config must match.
+    init_from: str | None = None
     # Experiment trackers (train/trackers.py): jsonl (metrics.jsonl) is always on; add tensorboard, wandb, swanlab.
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     project: str = "minipretrain"  # the wandb / swanlab project

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +55,40 @@ def new_directory(path: str | Path, flag: str = "--out") -> Iterator[Path]:
     if target.exists():
         target.rmdir()
     os.replace(tmp, target)
+
+
+class DirectoryLock:
+    """An exclusive OS lock (flock) on DIR/.lock while a run uses DIR: a second run there is refused, naming the
+    holder. The OS drops the lock when the process dies, so a killed run never leaves a stale lock behind."""
+
+    FILE = ".lock"
+
+    def __init__(self, directory: Path, what: str = "run"):
+        import fcntl  # POSIX; the trainer targets Linux and macOS
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.file = open(directory / self.FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"{directory} is in use by another {what} ({holder}): wait for it to end, or choose "
+                            "another --run-dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()  # closing the descriptor releases the flock
+
+    def __enter__(self) -> DirectoryLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def write_atomic(path: Path, text: str) -> None:

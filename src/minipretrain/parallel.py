@@ -85,6 +85,10 @@ class World:
 
     def close(self) -> None:
         if self.mesh is not None and dist.is_initialized():  # only the group init_distributed joined
+            # Everyone arrives first: a rank that tears its connections down while a peer still works (rank 0
+            # drawing plots.png after the last save) can make the peer's gloo threads abort at exit.
+            if self.size > 1:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -76,8 +76,8 @@ def choose_tokenizer(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer
             wanted = Tokenizer.load(d.tokenizer)
             if wanted.fingerprint != checkpoint_tokenizer.fingerprint:
                 raise CheckpointError(
-                    f"cannot resume with another tokenizer: data.tokenizer={d.tokenizer} has fingerprint "
-                    f"{wanted.fingerprint}, the checkpoint's is {checkpoint_tokenizer.fingerprint}")
+                    f"cannot continue a checkpoint with another tokenizer: data.tokenizer={d.tokenizer} has "
+                    f"fingerprint {wanted.fingerprint}, the checkpoint's is {checkpoint_tokenizer.fingerprint}")
         return checkpoint_tokenizer
     given = _given_tokenizer(d, log)
     if given is not None:

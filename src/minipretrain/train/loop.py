@@ -15,6 +15,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from minipretrain.config import Config, ModelConfig
 from minipretrain.data.dataset import RUN_DATA_DIR, check_objective_tokenizer, load_run_data
 from minipretrain.errors import CheckpointError, UserError
 from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
+from minipretrain.fileio import DirectoryLock
 from minipretrain.generate import complete
 from minipretrain.model import MiniMind, prediction_targets
 from minipretrain.parallel import (
@@ -92,11 +94,25 @@ def _prepare_run_dir(run_dir: Path, resume: bool | str, overwrite: bool) -> Path
     return None
 
 
-def _check_same_model(saved: ModelConfig, current: ModelConfig, ckpt: Path) -> None:
+def _check_same_model(saved: ModelConfig, current: ModelConfig, ckpt: Path, action: str = "resume from") -> None:
     diffs = [f"model.{k} is {v!r} in the checkpoint but {getattr(current, k)!r} now"
              for k, v in asdict(saved).items() if getattr(current, k) != v]
     if diffs:
-        raise CheckpointError(f"cannot resume from {ckpt} with a different model: {'; '.join(diffs)}")
+        raise CheckpointError(f"cannot {action} {ckpt} with a different model: {'; '.join(diffs)}")
+
+
+def _init_checkpoint(cfg: Config, resume) -> Path | None:
+    """train.init_from's checkpoint, verified and with the same model config, for a fresh run; None otherwise (a
+    resumed run continues from its own checkpoint)."""
+    if resume or cfg.train.init_from is None:
+        return None
+    try:
+        ckpt = ckpt_io.resolve_checkpoint(cfg.train.init_from)
+        ckpt_io.verify_checkpoint(ckpt)
+    except CheckpointError as e:
+        raise CheckpointError(f"train.init_from: {e}") from None
+    _check_same_model(ckpt_io.read_checkpoint_config(ckpt).model, cfg.model, ckpt, "start from")
+    return ckpt
 
 
 def _rewind_samples(path: Path, step: int) -> None:
@@ -153,7 +169,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
     world = init_distributed(cfg.parallel, cfg.train.device)
     trackers = Trackers()  # started once the run directory and the resume step are known
     try:
-        summary = _train(cfg, Path(run_dir), resume, overwrite, show_progress, world, trackers)
+        with ExitStack() as held:  # the run directory's lock, released however the run ends
+            summary = _train(cfg, Path(run_dir), resume, overwrite, show_progress, world, trackers, held)
     except BaseException:
         trackers.close(failed=True)
         raise
@@ -177,7 +194,7 @@ def _load_data(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | Non
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show_progress: bool, world: World,
-           trackers: Trackers) -> dict:
+           trackers: Trackers, held: ExitStack) -> dict:
     t, main = cfg.train, world.is_main
     say = log if main else (lambda message: None)
     show_progress = show_progress and main
@@ -187,6 +204,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     check_parallel_precision(world, cfg.parallel, amp_dtype)
     if not resume:
         check_objective_tokenizer(cfg)  # also before the run directory is touched
+    init_ckpt = _init_checkpoint(cfg, resume)  # and this
+    if main and (not resume or run_dir.is_dir()):  # rank 0 holds it; a --resume of nothing is refused below
+        held.enter_context(DirectoryLock(run_dir))  # before anything in the run directory is read or deleted
     ckpt = world.broadcast(_prepare_run_dir(run_dir, resume, overwrite) if main else None)
     state = None
     if ckpt is not None:
@@ -202,12 +222,17 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     configure_device(device, t.deterministic)
     seed_everything(t.seed)  # the same initial weights on every rank
 
-    data = _load_data(cfg, run_dir, Tokenizer.load(ckpt) if ckpt else None, show_progress, say, world)
+    weights_from = ckpt or init_ckpt  # its tokenizer is the model's
+    data = _load_data(cfg, run_dir, Tokenizer.load(weights_from) if weights_from else None, show_progress, say,
+                      world)
     tokenizer, batches, val_sets, fim_val_sets = data.tokenizer, data.sampler, data.val_sets, data.fim_val_sets
     if main:
         (run_dir / "config.toml").write_text(cfg.to_toml())
 
     model = MiniMind(cfg.model).to(device)
+    if init_ckpt is not None:  # the full weights on every rank, before parallelize shards or splits them
+        model.load_state_dict(ckpt_io.load_model_from_checkpoint(init_ckpt)[0].state_dict())
+        say(f"initialized from {init_ckpt}: its weights, a fresh optimizer and schedule from step 0")
     step_model = parallelize(model, world, cfg.parallel, amp_dtype)
     if world.dp_rank:  # data-parallel replicas draw different dropout masks; tensor-parallel peers the same ones
         seed_everything(t.seed + world.dp_rank)
