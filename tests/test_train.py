@@ -346,3 +346,46 @@ def test_init_from_starts_a_fresh_run_from_a_checkpoints_weights(tmp_path, shake
             train(tiny_config(*data, *extra, f"train.init_from={json.dumps(bad)}"), tmp_path / "new",
                   show_progress=False)
         assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("failure", ["zip_writer", "enospc"])
+def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tmp_path, shakespeare, tokenizer_dir, capsys,
+                                                                  monkeypatch, failure):
+    import errno
+
+    from conftest import data_overrides
+
+    from minipretrain.cli import main
+
+    run = tmp_path / "run"
+    config = tmp_path / "config.toml"
+    config.write_text(tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=4",
+                                  "train.save_every=2").to_toml())
+    real_save_model, real_torch_save = ckpt_io.save_model, ckpt_io.torch.save
+
+    def save_model(model, path):  # the weights of the step-4 save hit a full disk half-way
+        real_save_model(model, path)
+        if "step_000004" in str(path) and failure == "zip_writer":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    def torch_save(obj, path, *args, **kwargs):
+        if "step_000004" in str(path) and failure == "enospc" and str(path).endswith(ckpt_io.STATE_FILE):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_torch_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io, "save_model", save_model)
+    monkeypatch.setattr(ckpt_io.torch, "save", torch_save)
+    argv = ["train", "--config", str(config), "--run-dir", str(run), "--no-progress"]
+    cause = "unexpected pos 704 vs 598" if failure == "zip_writer" else "[Errno 28] No space left on device"
+    assert_cli_errors({f"saving {run / 'checkpoints' / 'step_000004'} failed (": argv}, capsys)
+    with pytest.raises(SystemExit):  # the same again, to read the whole line
+        main([*argv, "--resume"])
+    err = capsys.readouterr().err
+    assert cause in err and "MiB free; the partial save was removed" in err
+    assert f"the last good checkpoint is {run / 'checkpoints' / 'step_000002'}" in err and "--resume" in err
+    # the partial save is gone, the good one and `latest` are intact, and the message named them
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002"]
+    assert (run / "latest").read_text().strip() == "checkpoints/step_000002"
+    monkeypatch.undo()
+    main([*argv, "--resume"])  # space freed: the run continues from step 2
+    assert (run / "latest").read_text().strip() == "checkpoints/step_000004"

@@ -93,19 +93,23 @@ def save_checkpoint(run_dir: Path, step: int, model: MiniMind, optimizer: torch.
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     world.barrier()
-    torch.save(capture_rng(world.device), tmp / f"rng_{world.rank:05d}.pt")
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / DCP_DIR,
-             no_dist=not world.distributed)
-    if not world.distributed:  # the full weights are already here: no consolidation needed
-        save_model(model, str(tmp / MODEL_FILE))
     final = ckpt_root / name
+    try:
+        torch.save(capture_rng(world.device), tmp / f"rng_{world.rank:05d}.pt")
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / DCP_DIR,
+                 no_dist=not world.distributed)
+        if not world.distributed:  # the full weights are already here: no consolidation needed
+            save_model(model, str(tmp / MODEL_FILE))
+        if world.is_main:
+            (tmp / "config.json").write_text(json.dumps(model_config_json(cfg.model), indent=2) + "\n")
+            (tmp / "config.toml").write_text(cfg.to_toml())
+            tokenizer.save(tmp)
+            torch.save(train_state, tmp / STATE_FILE)
+            _write_meta(tmp, step, tokenizer.fingerprint)
+    except (OSError, RuntimeError, CheckpointException) as e:  # a full disk shows as any of these
+        raise _save_failed(e, run_dir, final, tmp) from None
     if world.is_main:
-        (tmp / "config.json").write_text(json.dumps(model_config_json(cfg.model), indent=2) + "\n")
-        (tmp / "config.toml").write_text(cfg.to_toml())
-        tokenizer.save(tmp)
-        torch.save(train_state, tmp / STATE_FILE)
-        _write_meta(tmp, step, tokenizer.fingerprint)
         if final.exists():  # re-saving a step (e.g. after resuming from it): swap, never leave a gap
             stale = ckpt_root / f".old_{name}"
             os.replace(final, stale)
@@ -117,6 +121,19 @@ def save_checkpoint(run_dir: Path, step: int, model: MiniMind, optimizer: torch.
         _prune(ckpt_root, keep, protect=final)
     world.barrier()  # nobody moves on (or exits) before the checkpoint is complete
     return final
+
+
+def _save_failed(error: BaseException, run_dir: Path, target: Path, tmp: Path) -> CheckpointError:
+    """The one-line error of a save that could not be written (typically a full disk: torch's zip writer then says
+    "unexpected pos"), after removing the partial save; earlier checkpoints and `latest` are untouched."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    free = shutil.disk_usage(run_dir).free / 2**20
+    last = (run_dir / LATEST).read_text().strip() if (run_dir / LATEST).is_file() else None
+    then = (f"the last good checkpoint is {run_dir / last}: free some space, then continue with --resume" if last
+            else "no checkpoint of this run was saved before")
+    return CheckpointError(f"saving {target} failed ({cause}); the file system of {run_dir} has {free:,.0f} MiB "
+                           f"free; the partial save was removed; {then}")
 
 
 def _write_meta(ckpt: Path, step: int, tokenizer_fingerprint: str, verified: dict | None = None) -> None:
