@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,11 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     from minipretrain.train.metrics import read_metrics
 
     return {m["step"]: m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m}
+
+
+def train_cmd(run_dir: Path, *extra: str) -> list[str]:
+    """`minipretrain train` as a separate process (for tests that kill it)."""
+    return [sys.executable, "-m", "minipretrain", "train", "--run-dir", str(run_dir), "--no-progress", *extra]
 
 
 def data_overrides(data: Path, tokenizer_dir: Path) -> list[str]:

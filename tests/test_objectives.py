@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from conftest import (
     step_losses,
     tiny_config,
     tiny_model_config,
+    train_cmd,
 )
 
 from minipretrain.config import load_config
@@ -344,10 +344,6 @@ def test_document_masking_and_mixture_for_each_objective(tmp_path, shakespeare, 
     assert saved.model.attention == ("bidirectional" if objective == "mlm" else "causal")
 
 
-def _train_cmd(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "minipretrain", "train", "--run-dir", str(run_dir), "--no-progress", *extra]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["fim", "mlm"])
 def test_kill_and_resume_gives_identical_step_losses(tmp_path, shakespeare, tokenizer_dir, objective):
@@ -359,8 +355,8 @@ def test_kill_and_resume_gives_identical_step_losses(tmp_path, shakespeare, toke
             for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    subprocess.run(_train_cmd(reference, *sets), check=True, env=env, capture_output=True)
-    proc = subprocess.Popen(_train_cmd(crashed, *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    subprocess.run(train_cmd(reference, *sets), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(train_cmd(crashed, *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (crashed / "metrics.jsonl").exists() and len(step_losses(crashed)) >= 12:
@@ -370,7 +366,7 @@ def test_kill_and_resume_gives_identical_step_losses(tmp_path, shakespeare, toke
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert 12 <= max(step_losses(crashed)) < 30
-    resumed = subprocess.run(_train_cmd(crashed, "--resume"), env=env, capture_output=True, text=True)
+    resumed = subprocess.run(train_cmd(crashed, "--resume"), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert step_losses(crashed) == step_losses(reference)  # exactly equal, every step
     val = [{k: v for k, v in r.items() if k.startswith("val_")}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, assert_cli_errors, shared_file, step_losses, tiny_config
+from conftest import TINY_MODEL, assert_cli_errors, shared_file, step_losses, tiny_config, train_cmd
 
 from minipretrain.errors import CheckpointError, UserError
 from minipretrain.train import checkpoint as ckpt_io
@@ -53,10 +53,6 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, shakespeare, token
     assert big["tokens"] == acc["tokens"]
 
 
-def _train_cmd(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "minipretrain", "train", "--run-dir", str(run_dir), "--no-progress", *extra]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_kill_and_resume_gives_identicalstep_losses(tmp_path, shakespeare, tokenizer_dir, dtype):
@@ -69,9 +65,9 @@ def test_kill_and_resume_gives_identicalstep_losses(tmp_path, shakespeare, token
             for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    subprocess.run(_train_cmd(reference, *sets), check=True, env=env, capture_output=True)
+    subprocess.run(train_cmd(reference, *sets), check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(_train_cmd(crashed, *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(train_cmd(crashed, *sets), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = crashed / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -83,7 +79,7 @@ def test_kill_and_resume_gives_identicalstep_losses(tmp_path, shakespeare, token
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = max(step_losses(crashed))
     assert 12 <= killed_at < 60
-    resumed = subprocess.run(_train_cmd(crashed, "--resume", *sets[-2:]), env=env, capture_output=True, text=True)
+    resumed = subprocess.run(train_cmd(crashed, "--resume", *sets[-2:]), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
     assert step_losses(crashed) == step_losses(reference)  # exactly equal, every step
