@@ -171,12 +171,12 @@ def model_config_from_hf(config: dict, source: str) -> ModelConfig:
     if model_type == "qwen3_moe":
         require(not config.get("mlp_only_layers") and config.get("decoder_sparse_step", 1) == 1,
                 "some of its layers are dense (mlp_only_layers / decoder_sparse_step)")
-    width = _field(config, "intermediate_size", source)
+    width = config["intermediate_size"]  # checked positive above
     m = ModelConfig(
-        vocab_size=_field(config, "vocab_size", source), hidden_size=hidden,
-        num_hidden_layers=_field(config, "num_hidden_layers", source), num_attention_heads=heads,
+        vocab_size=config["vocab_size"], hidden_size=hidden,
+        num_hidden_layers=config["num_hidden_layers"], num_attention_heads=heads,
         num_key_value_heads=config.get("num_key_value_heads") or heads, intermediate_size=width,
-        max_position_embeddings=_field(config, "max_position_embeddings", source),
+        max_position_embeddings=config["max_position_embeddings"],
         rope_theta=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
         rms_norm_eps=float(_field(config, "rms_norm_eps", source)), qk_norm=model_type in ("qwen3", "qwen3_moe"),
         initializer_range=float(config.get("initializer_range", 0.02)), moe=moe)
