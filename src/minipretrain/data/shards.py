@@ -82,6 +82,7 @@ class ShardWriter:
         self.dtype = token_dtype(self.vocab_size)
         self.shards: list[dict] = []
         self._file = None
+        self._ended = True  # whether the last piece added ended its document
 
     def _open(self) -> None:
         name = f"{self.split}_{len(self.shards):05d}.bin"
@@ -89,18 +90,24 @@ class ShardWriter:
         self._file.write(b"\0" * HEADER_SIZE)  # the real header is written when the shard closes
         self._name, self._tokens, self._bytes, self._starts = name, 0, 0, []
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray, doc_bytes: np.ndarray) -> None:
-        """tokens: the documents back to back, each already followed by eos; lengths include the eos."""
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, doc_bytes: np.ndarray,
+            ends: np.ndarray | None = None) -> None:
+        """tokens: documents (or pieces of them) back to back, each document followed by eos; lengths include the
+        eos. ends[i]: whether piece i ends its document (default: every piece is a whole document); a document in
+        pieces may span several calls."""
         if len(lengths) == 0:
             return
         if self._file is None:
             self._open()
+        ends = np.ones(len(lengths), dtype=bool) if ends is None else ends
+        begins = np.concatenate([[self._ended], ends[:-1]])  # a piece after the end of a document begins one
         starts = self._tokens + np.concatenate([[0], np.cumsum(lengths[:-1])])
-        self._starts.append(starts.astype(np.uint64))
+        self._starts.append(starts[begins].astype(np.uint64))
         self._file.write(tokens.astype(self.dtype, copy=False).tobytes())
         self._tokens += int(lengths.sum())
         self._bytes += int(doc_bytes.sum())
-        if self._tokens >= self.shard_tokens:
+        self._ended = bool(ends[-1])
+        if self._tokens >= self.shard_tokens and self._ended:  # documents never straddle shards
             self._close()
 
     def _close(self) -> None:
@@ -138,25 +145,47 @@ def _init_worker(tokenizer_json: str) -> None:
 
 
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens of every document followed by eos, per-document lengths with eos, per-document UTF-8 bytes)."""
-    tok = _worker_tokenizer
-    ids = tok.encode_batch(texts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter(chain.from_iterable(x + [tok.eos_id] for x in ids), dtype=np.int64, count=int(lengths.sum()))
-    doc_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
-    return tokens, lengths, doc_bytes
+    """(tokens of the texts back to back, tokens per text, UTF-8 bytes per text)."""
+    ids = _worker_tokenizer.encode_batch(texts)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    tokens = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+    text_bytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    return tokens, lengths, text_bytes
 
 
-def _chunks(documents, chunk_bytes: int):
-    chunk, size = [], 0
-    for text in documents:
-        chunk.append(text)
-        size += len(text)
-        if size >= chunk_bytes:
+def _chunks(documents, chunk_bytes: int, tokenizer: Tokenizer):
+    """(texts, ends) of about `chunk_bytes` characters at a time: a document longer than PIECE_CHARS comes as
+    pieces that encode exactly as the whole (Tokenizer.piece_ends), so no document, however long, is handed to the
+    tokenizer whole; ends[i] tells whether texts[i] ends its document."""
+    texts, ends, size = [], [], 0
+    for document in documents:
+        start = 0
+        for end in tokenizer.piece_ends(document):
+            texts.append(document[start:end])  # the document itself when it is one piece
+            ends.append(end == len(document))
+            size += end - start
+            # the last piece of a long document ends its chunk too: shards close only where a chunk ends a document
+            if size >= chunk_bytes or (start > 0 and end == len(document)):
+                yield texts, np.asarray(ends)
+                texts, ends, size = [], [], 0
+            start = end
+    if texts:
+        yield texts, np.asarray(ends)
+
+
+def _encoded_documents(documents, tokenizer: Tokenizer, workers: int):
+    """(tokens, lengths, UTF-8 bytes, ends) of each chunk's pieces, an eos after each piece that ends a document."""
+    ends_in_flight = deque()  # the workers see only texts; ends wait here, in order
+
+    def texts():
+        for chunk, ends in _chunks(documents, CHUNK_BYTES, tokenizer):
+            ends_in_flight.append(ends)
             yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+
+    for tokens, lengths, text_bytes in _encoded_chunks(texts(), tokenizer, workers):
+        ends = ends_in_flight.popleft()
+        tokens = np.insert(tokens, np.cumsum(lengths)[ends], tokenizer.eos_id)
+        yield tokens, lengths + ends, text_bytes, ends
 
 
 def input_identity(inputs: list[str]) -> list[dict]:
@@ -254,13 +283,13 @@ def prepare(inputs: list[str], tokenizer: Tokenizer, out: str | Path, options: P
     bar = tqdm(total=_input_size(identity["inputs"]), desc=f"prepare {out.name}", unit="B", unit_scale=True,
                disable=not show_progress, dynamic_ncols=True)
     try:
-        for tokens, lengths, doc_bytes in _encoded_chunks(_chunks(documents, CHUNK_BYTES), tokenizer,
-                                                          options.workers):
-            held_out = is_held_out(doc_index + np.arange(len(lengths)), options.val_fraction)
+        for tokens, lengths, doc_bytes, ends in _encoded_documents(documents, tokenizer, options.workers):
+            # a document's pieces share its index, so all of it goes to one split
+            held_out = is_held_out(doc_index + np.concatenate([[0], np.cumsum(ends[:-1])]), options.val_fraction)
             token_held_out = np.repeat(held_out, lengths)
-            writers["train"].add(tokens[~token_held_out], lengths[~held_out], doc_bytes[~held_out])
-            writers["val"].add(tokens[token_held_out], lengths[held_out], doc_bytes[held_out])
-            doc_index += len(lengths)
+            writers["train"].add(tokens[~token_held_out], lengths[~held_out], doc_bytes[~held_out], ends[~held_out])
+            writers["val"].add(tokens[token_held_out], lengths[held_out], doc_bytes[held_out], ends[held_out])
+            doc_index += int(ends.sum())
             tokens_done += int(lengths.sum())
             bar.update(stats.input_bytes - bar.n)
             bar.set_postfix_str(f"{tokens_done / max(time.perf_counter() - start, 1e-9):,.0f} tok/s", refresh=False)

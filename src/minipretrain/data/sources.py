@@ -73,7 +73,7 @@ def iter_documents(spec: str, text_field: str = "text", skip_bad_lines: bool = F
         for text in source:
             if spec == BUILTIN_PYTHON_DOCS:
                 stats.input_bytes += len(text.encode("utf-8"))
-            if not text.strip():
+            if not text or text.isspace():  # not text.strip(): that copies a long document
                 stats.empty += 1
                 continue
             stats.documents += 1
@@ -81,7 +81,7 @@ def iter_documents(spec: str, text_field: str = "text", skip_bad_lines: bool = F
             yield text
 
 
-def _bad_line(message: str, reason: str, skip: bool, stats: ReadStats):
+def _bad_line(message: str, reason: str, skip: bool, stats: ReadStats) -> None:
     if not skip:
         raise DataError(f"{message} (set data.skip_bad_lines=true to skip and count such lines)")
     stats.skipped[reason] += 1
@@ -97,31 +97,37 @@ def _reader(path: Path):
 
 def _read_jsonl(path: Path, text_field: str, skip: bool, stats: ReadStats) -> Iterator[str]:
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+        line_no = 0
+        for raw in f:
+            line_no += 1  # noqa: SIM113 (enumerate's reused result tuple would keep the last line alive)
             stats.input_bytes += len(raw)
-            where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # tolerate a byte-order mark
-            except UnicodeDecodeError as e:
-                _bad_line(f"{where}: invalid UTF-8 at byte {e.start}", "invalid UTF-8", skip, stats)
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                _bad_line(f"{where}: malformed JSON ({e.msg} at column {e.colno})", "malformed JSON", skip, stats)
-                continue
-            if not isinstance(record, dict) or text_field not in record:
-                _bad_line(f"{where}: no {text_field!r} field (set data.text_field to the field that holds the text)",
-                          "missing text field", skip, stats)
-                continue
-            text = record[text_field]
-            if not isinstance(text, str):
-                _bad_line(f"{where}: field {text_field!r} is not a string (got {type(text).__name__})",
-                          "non-string text", skip, stats)
-                continue
-            yield text
+            text = _jsonl_text(raw, f"{path}:{line_no}", line_no == 1, text_field, skip, stats)
+            del raw  # a 40 MB line is not kept beside its text while the text is tokenized
+            if text is not None:
+                yield text
+
+
+def _jsonl_text(raw: bytes, where: str, first: bool, text_field: str, skip: bool, stats: ReadStats) -> str | None:
+    """The text of one JSONL line, or None for a blank or (skipped) bad line; the decoded line and the record
+    are freed on return, only the text is kept."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")  # tolerate a byte-order mark
+    except UnicodeDecodeError as e:
+        return _bad_line(f"{where}: invalid UTF-8 at byte {e.start}", "invalid UTF-8", skip, stats)
+    if not line or line.isspace():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return _bad_line(f"{where}: malformed JSON ({e.msg} at column {e.colno})", "malformed JSON", skip, stats)
+    if not isinstance(record, dict) or text_field not in record:
+        return _bad_line(f"{where}: no {text_field!r} field (set data.text_field to the field that holds the text)",
+                         "missing text field", skip, stats)
+    text = record[text_field]
+    if not isinstance(text, str):
+        return _bad_line(f"{where}: field {text_field!r} is not a string (got {type(text).__name__})",
+                         "non-string text", skip, stats)
+    return text
 
 
 def _read_text(path: Path, text_field: str, skip: bool, stats: ReadStats) -> Iterator[str]:
