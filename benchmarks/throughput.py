@@ -3,6 +3,7 @@
     python benchmarks/throughput.py --config configs/minimind2-26m.toml --batch-size 4 --seq-len 512
     python benchmarks/throughput.py --config configs/minimind2-26m.toml --compare-optimizer --steps 6
     python benchmarks/throughput.py --config configs/minimind2-26m.toml --compare-dtype --steps 10
+    python benchmarks/throughput.py --config configs/minimind2-26m.toml --compare-ac --batch-size 8 --steps 5
 
 Each step is the training step of `minipretrain.train.loop.train` on random tokens: the real `MiniMind`, the real
 `build_optimizer`, autocast unless float32, GradScaler for float16, clip_grad_norm_, optimizer.step and
@@ -16,7 +17,10 @@ tensor-core peaks: bf16/fp16 for mixed precision, TF32 for float32).
 
 --compare-optimizer trains two identical copies of the model, one with fused and one with foreach AdamW, and
 --compare-dtype two copies in float32 and in bfloat16 autocast, in alternating blocks of steps so that drift in a
-shared, noisy machine hits both alike; each quotes both runs' medians.
+shared, noisy machine hits both alike; each quotes both runs' medians. --compare-ac does the same for three copies
+with train.activation_checkpointing none, selective and full; since one process has a single peak, each mode's peak
+memory comes from a child run of this script with that mode alone (1 warm-up + 1 timed step): on CUDA the peak
+bytes allocated by tensors, elsewhere the child's peak RSS and its rise over the RSS just before its first step.
 """
 
 from __future__ import annotations
@@ -26,18 +30,20 @@ import copy
 import json
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from minipretrain import moe
-from minipretrain.config import DTYPE_NAMES, load_config
+from minipretrain.config import ACTIVATION_CHECKPOINTING, DTYPE_NAMES, load_config
 from minipretrain.data.batches import Batch
 from minipretrain.errors import UserError
 from minipretrain.model import MiniMind
-from minipretrain.parallel import World, resolve_device
+from minipretrain.parallel import World, apply_activation_checkpointing, resolve_device
 from minipretrain.precision import configure_device, mixed_precision, native_cpu_bf16, resolve_precision
 from minipretrain.train.loop import accumulate_gradients, apply_gradients, seed_everything
 from minipretrain.train.metrics import FLOPS_FORMULA, flops_per_token, gpu_peak_tflops
@@ -61,6 +67,8 @@ def parse_args(argv):
     compare = p.add_mutually_exclusive_group()
     compare.add_argument("--compare-optimizer", action="store_true", help="fused vs foreach AdamW, interleaved")
     compare.add_argument("--compare-dtype", action="store_true", help="float32 vs bfloat16 autocast, interleaved")
+    compare.add_argument("--compare-ac", action="store_true",
+                         help="activation checkpointing none vs selective vs full, interleaved; peak memory of each")
     p.add_argument("--block", type=int, default=2, help="steps per A/B block with --compare-*")
     p.add_argument("--json", type=Path, help="default: benchmarks/results/throughput-<preset>.json")
     return p.parse_args(argv)
@@ -99,8 +107,9 @@ def make_optimizer(model, cfg, device_type, impl):
 class Trainer:
     """One model + optimizer + dtype; step() is loop.py's training step on random tokens, timed."""
 
-    def __init__(self, model, optimizer, name, cfg, device, amp_dtype, batches):
+    def __init__(self, model, optimizer, name, cfg, device, amp_dtype, batches, ac="none"):
         self.model, self.optimizer, self.name, self.cfg, self.device = model, optimizer, name, cfg, device
+        self.ac = ac  # train.activation_checkpointing, applied to `model`
         self.batches, self.step_model = batches, torch.compile(model) if cfg.train.compile else model
         self.amp_dtype = amp_dtype
         self.autocast, self.scaler = mixed_precision(device, amp_dtype)
@@ -140,8 +149,43 @@ def peak_memory(device) -> dict:
     if device.type == "cuda":
         return {"allocated": torch.cuda.max_memory_allocated(device),
                 "reserved": torch.cuda.max_memory_reserved(device)}
+    # Linux: VmHWM, the peak of this program's own memory; ru_maxrss would report the parent's peak in a child
+    # started by one that was bigger (Linux carries it across fork and exec).
+    hwm = proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return {"rss": hwm}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return {"rss": rss if sys.platform == "darwin" else rss * 1024}
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident) in bytes; None off Linux."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def memory_of_each_mode(argv: list[str]) -> dict[str, dict]:
+    """{mode: peak_memory_bytes} from a child run of this script per activation-checkpointing mode."""
+    kept, args = [], iter(argv)
+    for arg in args:  # this run's flags, less those the child sets itself
+        if arg.partition("=")[0] in ("--json", "--steps", "--warmup", "--block") and "=" not in arg:
+            next(args, None)  # and its value
+        elif arg.partition("=")[0] not in ("--compare-ac", "--json", "--steps", "--warmup", "--block"):
+            kept.append(arg)
+    peaks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ACTIVATION_CHECKPOINTING:
+            out = Path(tmp) / f"{mode}.json"
+            cmd = [sys.executable, __file__, *kept, "--set", f"train.activation_checkpointing={mode}",
+                   "--steps", "1", "--warmup", "1", "--json", str(out)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"the memory run for {mode} failed:\n{done.stderr[-2000:]}")
+            peaks[mode] = json.loads(out.read_text())["peak_memory_bytes"]
+    return peaks
 
 
 def cpu_busy(seconds=1.0) -> float | None:
@@ -157,6 +201,7 @@ def cpu_busy(seconds=1.0) -> float | None:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.block < 1:
         sys.exit("--steps and --block must be >= 1, --warmup >= 0")
@@ -181,14 +226,18 @@ def main(argv=None) -> dict:
     batches = [Batch(x, x.clone()) for x in inputs]  # labels are a copy of the inputs, as in PackedRows
 
     base = MiniMind(m).to(device)
-    variants = ([("fused", dtype), ("foreach", dtype)] if args.compare_optimizer  # (AdamW forced, dtype)
-                else [(None, torch.float32), (None, bf16)] if args.compare_dtype else [(None, dtype)])
+    ac = t.activation_checkpointing
+    variants = ([("fused", dtype, ac), ("foreach", dtype, ac)] if args.compare_optimizer  # (AdamW forced, dtype,
+                else [(None, torch.float32, ac), (None, bf16, ac)] if args.compare_dtype  # activation checkpointing)
+                else [(None, dtype, mode) for mode in ACTIVATION_CHECKPOINTING] if args.compare_ac
+                else [(None, dtype, ac)])
     compare = len(variants) > 1
     trainers = []
-    for i, (impl, amp_dtype) in enumerate(variants):
+    for i, (impl, amp_dtype, ac_mode) in enumerate(variants):
         model = copy.deepcopy(base) if i else base  # identical copies
+        apply_activation_checkpointing(model, ac_mode)
         optimizer, optimizer_name = make_optimizer(model, cfg, device.type, impl)
-        trainers.append(Trainer(model, optimizer, optimizer_name, cfg, device, amp_dtype, batches))
+        trainers.append(Trainer(model, optimizer, optimizer_name, cfg, device, amp_dtype, batches, ac_mode))
     n_params = base.num_active_parameters()
     n_total = base.num_parameters()
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
@@ -201,37 +250,47 @@ def main(argv=None) -> dict:
     print(f"{FLOPS_FORMULA} = 6*{n_params:,} + 12*{m.num_hidden_layers}*{m.num_attention_heads}*{m.head_dim}*"
           f"{t.seq_len} = {token_flops / 1e6:.1f} MFLOP")
 
+    rss_before_steps = proc_status_bytes("VmRSS") if device.type != "cuda" else None
     busy = warn_if_busy()
     block = args.block if compare else args.steps
     loss = run_interleaved(trainers, args.warmup, args.steps, block)
     mem = peak_memory(device)
+    if rss_before_steps is not None:
+        mem["rss_before_steps"] = rss_before_steps
+    mode_memory = memory_of_each_mode(argv) if args.compare_ac else None
 
     runs = []
     for tr in trainers:
         tokens_per_s = tokens_per_step / statistics.median(tr.times)
         peak, peak_source = peak_tflops(args, device, tr.amp_dtype)
         runs.append({"optimizer": tr.name, "dtype": str(tr.amp_dtype).removeprefix("torch."),
+                     "activation_checkpointing": tr.ac,
                      "median_s": statistics.median(tr.times), "min_s": min(tr.times),
                      "max_s": max(tr.times), "tokens_per_s": tokens_per_s,
                      "optimizer_median_ms": 1e3 * statistics.median(tr.optim_times),
                      "achieved_tflops": tokens_per_s * token_flops / 1e12, "peak_tflops": peak,
                      "peak_source": peak_source, "mfu": tokens_per_s * token_flops / (peak * 1e12) if peak else None,
                      "step_times_s": tr.times, "optimizer_times_s": tr.optim_times})
-    shared = " (both models, one process)" if compare else ""
+        if mode_memory:
+            runs[-1]["peak_memory_bytes"] = mode_memory[tr.ac]
+    shared = " (all models, one process)" if compare else ""
     mem_text = (f"allocated {mem['allocated'] / 2**20:,.0f} MiB, reserved {mem['reserved'] / 2**20:,.0f} MiB"
                 if "allocated" in mem else f"process RSS {mem['rss'] / 2**20:,.0f} MiB")
     print(f"\nlast loss {loss:.3f}; CPU busy before start {'n/a' if busy is None else f'{100 * busy:.0f}%'}; "
           f"peak memory{shared}: {mem_text}; MFU peak: {runs[-1]['peak_source']}\n")
-    print("| preset | device | dtype | AdamW | params | tokens/step | median s (min-max) | tokens/s | optim step ms "
-          "| TFLOP/s | MFU |\n" + "|---" * 11 + "|")
+    print("| preset | device | dtype | AdamW | AC | params | tokens/step | median s (min-max) | tokens/s "
+          "| optim step ms | TFLOP/s | MFU |\n" + "|---" * 12 + "|")
     for r in runs:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"| {preset} | {device} | {r['dtype']} | {r['optimizer']} | {size.replace(' parameters', '')} "
+        print(f"| {preset} | {device} | {r['dtype']} | {r['optimizer']} | {r['activation_checkpointing']} "
+              f"| {size.replace(' parameters', '')} "
               f"| {tokens_per_step:,} "
               f"| {r['median_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['tokens_per_s']:,.0f} "
               f"| {r['optimizer_median_ms']:.1f} | {r['achieved_tflops']:.3f} | {mfu} |")
     if args.compare_dtype:
         print(f"\nbfloat16 / float32 tokens/s: {runs[1]['tokens_per_s'] / runs[0]['tokens_per_s']:.2f}x")
+    if mode_memory:
+        print_memory_table(runs, device)
 
     result = {"preset": preset, "config": args.config, "overrides": args.set, "device": str(device),
               "hardware": hardware, "compile": t.compile, "torch": torch.__version__,
@@ -242,6 +301,22 @@ def main(argv=None) -> dict:
               "peak_memory_bytes": mem, "cpu_busy_before": busy, "runs": runs}
     write_result(args.json or Path("benchmarks/results") / f"throughput-{preset}.json", result)
     return result
+
+
+def print_memory_table(runs: list[dict], device) -> None:
+    """Step time and peak memory of each activation-checkpointing mode, relative to none."""
+    kind = "allocated" if device.type == "cuda" else "RSS"
+    print(f"\n| activation checkpointing | median step s | step vs none | peak {kind} MiB | rise over start MiB "
+          "| rise vs none |\n" + "|---" * 6 + "|")
+    base = runs[0]
+    for r in runs:
+        mem = r["peak_memory_bytes"]
+        peak = mem.get("allocated", mem.get("rss"))
+        rise = peak - mem.get("rss_before_steps", 0)  # CUDA: allocated starts near the weights alone
+        base_mem = base["peak_memory_bytes"]
+        base_rise = base_mem.get("allocated", base_mem.get("rss")) - base_mem.get("rss_before_steps", 0)
+        print(f"| {r['activation_checkpointing']} | {r['median_s']:.3f} | {r['median_s'] / base['median_s']:.2f}x "
+              f"| {peak / 2**20:,.0f} | {rise / 2**20:,.0f} | {rise / base_rise:.2f}x |")
 
 
 def warn_if_busy() -> float | None:

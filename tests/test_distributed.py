@@ -346,3 +346,15 @@ def test_parallel_config_errors(monkeypatch):
     assert options["reshard_after_forward"] is False  # ZeRO-2-like: parameters stay gathered until backward
     assert options["mp_policy"].param_dtype == torch.bfloat16 and options["mp_policy"].reduce_dtype == torch.float32
     assert World().is_main and not World().distributed
+
+
+def test_async_save_on_two_ranks_equals_one_process(tmp_path, shakespeare, tokenizer_dir, single_run):
+    """The background writes use a process group of their own, beside the training collectives."""
+    _, config = _config(tmp_path, shakespeare, tokenizer_dir, "train.batch_size=2", "parallel.mode=fsdp",
+                        "train.async_save=true")
+    run = tmp_path / "run"
+    torchrun(2, "train", "--config", str(config), "--run-dir", str(run), "--no-progress")
+    assert (run / "latest").read_text().strip() == "checkpoints/step_000006"
+    for ckpt in ckpt_io.list_checkpoints(run):
+        ckpt_io.verify_checkpoint(ckpt)
+    _assert_same_steps(_steps(run), _steps(single_run), range(1, 7))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, assert_cli_errors, shared_file, step_losses, tiny_config, train_cmd
+from conftest import TINY_MODEL, assert_cli_errors, data_overrides, shared_file, step_losses, tiny_config, train_cmd
 
 from minipretrain.errors import CheckpointError, UserError
 from minipretrain.train import checkpoint as ckpt_io
@@ -158,7 +158,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_intact(tmp_path, shake
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_io, "save_model", broken_save)  # after the weights' DCP shards are written
+    monkeypatch.setattr(ckpt_io, "write_weights", broken_save)  # after the weights' DCP shards are written
     cfg.train.max_steps = 8
     with pytest.raises(CheckpointError, match=r"saving .*step_000008 failed \(disk full\)"):
         train(cfg, run, resume=True, show_progress=False)
@@ -345,9 +345,11 @@ def test_init_from_starts_a_fresh_run_from_a_checkpoints_weights(tmp_path, shake
         assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("failure", ["zip_writer", "enospc"])
+@pytest.mark.parametrize("failure", ["zip_writer", "enospc", "async"])
 def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tmp_path, shakespeare, tokenizer_dir, capsys,
                                                                   monkeypatch, failure):
+    """zip_writer: torch's zip writer's own message; enospc: the OS's; async: the zip writer's, in a background
+    save (train.async_save) that the step loop does not wait for."""
     import errno
 
     from conftest import data_overrides
@@ -357,12 +359,12 @@ def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tmp_path, shake
     run = tmp_path / "run"
     config = tmp_path / "config.toml"
     config.write_text(tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=4",
-                                  "train.save_every=2").to_toml())
-    real_save_model, real_torch_save = ckpt_io.save_model, ckpt_io.torch.save
+                                  "train.save_every=2", f"train.async_save={json.dumps(failure == 'async')}").to_toml())
+    real_write_weights, real_torch_save = ckpt_io.write_weights, ckpt_io.torch.save
 
-    def save_model(model, path):  # the weights of the step-4 save hit a full disk half-way
-        real_save_model(model, path)
-        if "step_000004" in str(path) and failure == "zip_writer":
+    def write_weights(state, path):  # the weights of the step-4 save hit a full disk half-way
+        real_write_weights(state, path)
+        if "step_000004" in str(path) and failure in ("zip_writer", "async"):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     def torch_save(obj, path, *args, **kwargs):
@@ -370,10 +372,10 @@ def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tmp_path, shake
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_torch_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt_io, "save_model", save_model)
+    monkeypatch.setattr(ckpt_io, "write_weights", write_weights)
     monkeypatch.setattr(ckpt_io.torch, "save", torch_save)
     argv = ["train", "--config", str(config), "--run-dir", str(run), "--no-progress"]
-    cause = "unexpected pos 704 vs 598" if failure == "zip_writer" else "[Errno 28] No space left on device"
+    cause = "[Errno 28] No space left on device" if failure == "enospc" else "unexpected pos 704 vs 598"
     assert_cli_errors({f"saving {run / 'checkpoints' / 'step_000004'} failed (": argv}, capsys)
     with pytest.raises(SystemExit):  # the same again, to read the whole line
         main([*argv, "--resume"])
@@ -386,3 +388,55 @@ def test_a_full_disk_during_a_save_is_one_line_and_loses_nothing(tmp_path, shake
     monkeypatch.undo()
     main([*argv, "--resume"])  # space freed: the run continues from step 2
     assert (run / "latest").read_text().strip() == "checkpoints/step_000004"
+
+
+def test_async_save_gives_the_same_checkpoints_and_losses(tmp_path, shakespeare, tokenizer_dir, monkeypatch):
+    sets = [*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=8", "train.save_every=2",
+            "train.keep_checkpoints=10", "model.dropout=0.1"]
+    train(tiny_config(*sets), tmp_path / "sync", show_progress=False)
+    in_flight, real_write = [], ckpt_io.CheckpointSaver._write
+
+    def write(self, *args):  # slow writes: the step loop must run ahead of them, one save at a time
+        in_flight.append(1)
+        assert len(in_flight) == 1
+        time.sleep(0.3)
+        real_write(self, *args)
+        in_flight.pop()
+
+    monkeypatch.setattr(ckpt_io.CheckpointSaver, "_write", write)
+    train(tiny_config(*sets, "train.async_save=true"), tmp_path / "async", show_progress=False)
+    assert step_losses(tmp_path / "async") == step_losses(tmp_path / "sync")
+    for a, b in zip(ckpt_io.list_checkpoints(tmp_path / "async"), ckpt_io.list_checkpoints(tmp_path / "sync"),
+                    strict=True):
+        assert a.name == b.name
+        meta_a, meta_b = (json.loads((c / "meta.json").read_text())["files"] for c in (a, b))
+        for name in ("model.safetensors", "rng_00000.pt"):
+            assert meta_a[name] == meta_b[name], (a.name, name)  # bitwise the same files
+        state_a, state_b = (ckpt_io.load_train_state(c) for c in (a, b))
+        assert {**state_a, "elapsed": 0} == {**state_b, "elapsed": 0}  # all but the wall-clock time
+    monkeypatch.undo()
+    cfg = tiny_config(*sets, "train.async_save=true", "train.max_steps=10")
+    train(cfg, tmp_path / "async", resume=True, show_progress=False)
+    assert (tmp_path / "async" / "latest").read_text().strip() == "checkpoints/step_000010"
+
+
+def test_checkpoint_mirror_copies_and_backs_up_a_corrupt_primary(tmp_path, shakespeare, tokenizer_dir, capsys):
+    mirror = tmp_path / "mirror"
+    sets = [*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=6", "train.save_every=2",
+            f"train.checkpoint_mirror={json.dumps(str(mirror))}", "train.keep_checkpoints=2"]
+    run = tmp_path / "run"
+    train(tiny_config(*sets), run, show_progress=False)
+    assert [p.name for p in ckpt_io.list_checkpoints(mirror)] == ["step_000004", "step_000006"]
+    assert (mirror / "latest").read_text() == (run / "latest").read_text()
+    ckpt_io.verify_checkpoint(mirror / "checkpoints" / "step_000006")
+    with open(run / "checkpoints" / "step_000006" / "train_state.pt", "ab") as f:
+        f.write(b"bit rot")
+    capsys.readouterr()
+    train(tiny_config(*sets, "train.max_steps=8"), run, resume=True, show_progress=False)
+    out = capsys.readouterr().out
+    assert "does not match its recorded checksum" in out and "resuming from the mirror's copy instead" in out
+    assert f"resumed from {mirror / 'checkpoints' / 'step_000006'} at step 6" in out
+    assert (run / "latest").read_text().strip() == "checkpoints/step_000008"
+    with pytest.raises(CheckpointError, match="does not match its recorded checksum"):  # without a mirror: refused
+        (run / "checkpoints" / "step_000008" / "train_state.pt").write_bytes(b"x")
+        train(tiny_config(*sets[:-2], "train.max_steps=10"), run, resume=True, show_progress=False)

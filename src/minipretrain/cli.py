@@ -12,7 +12,7 @@ from pathlib import Path
 
 from minipretrain import __version__
 from minipretrain.config import DTYPE_NAMES
-from minipretrain.errors import ConfigError, UserError
+from minipretrain.errors import PREEMPTED_EXIT_CODE, ConfigError, Preempted, UserError
 from minipretrain.fileio import require_new_directory
 
 
@@ -446,6 +446,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"{rank}error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:  # a checkpoint was saved: the scheduler should run the job again with --resume
+        print(f"{rank}{e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
     except KeyboardInterrupt:
         print(f"{rank}interrupted; a run continues from its last checkpoint with --resume", file=sys.stderr)
         sys.exit(130)

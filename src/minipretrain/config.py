@@ -20,6 +20,7 @@ from minipretrain.errors import ConfigError
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # train.dtype and --dtype; torch dtypes in precision.py
 LOGGERS = ("jsonl", "tensorboard", "wandb", "swanlab")  # train.loggers; train/trackers.py starts them
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")  # train.activation_checkpointing; parallel.py applies it
 
 
 def check_device_name(name: str, key: str = "train.device") -> None:
@@ -145,6 +146,9 @@ class TrainConfig:
     # deterministic kernels only (torch.use_deterministic_algorithms): bitwise resume on GPUs
     deterministic: bool = False
     compile: bool = False
+    # Recompute transformer blocks in backward instead of keeping their activations (parallel.py): none | full
+    # (every block) | selective (every second block); less memory for about one more forward of those blocks.
+    activation_checkpointing: str = "none"
     log_every: int = 1
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 20
@@ -152,7 +156,10 @@ class TrainConfig:
     sample_prompt: str = ""
     sample_tokens: int = 64
     save_every: int = 500  # 0: only at the end
+    save_every_minutes: float = 0.0  # also save when this much wall-clock time passed since the last save (0: off)
     keep_checkpoints: int = 3
+    async_save: bool = False  # write checkpoints in the background while training goes on (at most one in flight)
+    checkpoint_mirror: str | None = None  # a second directory each completed checkpoint is copied to
     objective: str = "clm"  # clm: causal LM | fim: fill-in-the-middle | mlm: masked LM (data/objectives.py)
     fim_rate: float = 0.5  # fim: share of documents rearranged into prefix / suffix / middle
     fim_spm_rate: float = 0.5  # fim: share of those laid out suffix-prefix-middle (SPM) instead of PSM
@@ -165,6 +172,21 @@ class TrainConfig:
     project: str = "minipretrain"  # the wandb / swanlab project
     run_name: str | None = None  # None: the run directory's name
     tracker_mode: str | None = None  # wandb / swanlab: online | offline; None: WANDB_MODE / SWANLAB_MODE, else online
+
+
+@dataclass
+class GuardConfig:
+    """The loss-spike guard (train/stability.py): what makes a step bad, and what is done about it."""
+    action: str = "skip"  # skip: drop the bad step's update | rollback: restore the last snapshot | stop: end the run
+    loss_factor: float = 3.0  # a loss above this times the running mean is a spike (0: off)
+    loss_z: float = 0.0  # a loss this many standard deviations above the running mean is a spike (0: off)
+    grad_norm_factor: float = 10.0  # a gradient norm above this times the running median is a spike (0: off)
+    window: int = 100  # steps of history behind the running statistics, and for counting spikes
+    min_step: int | None = None  # statistical checks start after this step; None: optim.warmup_steps
+    max_spikes: int = 3  # rollback: this many spikes within guard.window steps restore the last snapshot
+    lr_factor: float = 1.0  # rollback: the learning rate is scaled by this ...
+    lr_steps: int = 100  # ... for this many steps after a rollback
+    max_rollbacks: int = 5  # rollback: more than this many end the run (the instability is not passing)
 
 
 @dataclass
@@ -184,6 +206,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
@@ -201,7 +224,7 @@ class Config:
 
 
 _SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-                    "parallel": ParallelConfig}
+                    "guard": GuardConfig, "parallel": ParallelConfig}
 
 
 def toml_value(value) -> str:
@@ -313,7 +336,7 @@ def _require(condition: bool, key: str, message: str):
 
 
 def validate(cfg: Config) -> None:
-    m, d, o, t, p = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel
+    m, d, o, t, p, g = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.parallel, cfg.guard
     positive = {
         "model": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                   "intermediate_size", "max_position_embeddings", "rope_theta", "rms_norm_eps", "initializer_range"),
@@ -364,6 +387,8 @@ def validate(cfg: Config) -> None:
     _require(bool(t.project), "train.project", "must not be empty")
     check_device_name(t.device)
     _require(t.dtype in DTYPE_NAMES, "train.dtype", f"unknown dtype {t.dtype!r} ({', '.join(DTYPE_NAMES)})")
+    _require(t.activation_checkpointing in ACTIVATION_CHECKPOINTING, "train.activation_checkpointing",
+             f"unknown mode {t.activation_checkpointing!r} (none, selective or full)")
     _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}], got {o.min_lr}")
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
@@ -388,6 +413,23 @@ def validate(cfg: Config) -> None:
     for i, source in enumerate(d.sources):
         _require(bool(source.path), f"data.sources[{i}].path", "must name a file, directory, glob or builtin corpus")
         _require(source.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {source.weight}")
+    _require(t.save_every_minutes >= 0, "train.save_every_minutes",
+             f"must be >= 0 (0: off), got {t.save_every_minutes}")
+    _require(t.checkpoint_mirror is None or bool(t.checkpoint_mirror), "train.checkpoint_mirror",
+             "must name a directory (leave it unset for no mirror)")
+    _require(g.action in ("skip", "rollback", "stop"), "guard.action",
+             f"unknown action {g.action!r} (skip, rollback or stop)")
+    for key in ("loss_factor", "loss_z", "grad_norm_factor"):
+        value = getattr(g, key)
+        _require(value == 0 or value > 1, f"guard.{key}", f"must be above 1 (or 0: off), got {value}")
+    for key in ("window", "max_spikes"):
+        _require(getattr(g, key) >= 1, f"guard.{key}", f"must be at least 1, got {getattr(g, key)}")
+    _require(g.max_spikes <= g.window, "guard.max_spikes",
+             f"{g.max_spikes} spikes cannot fit in guard.window={g.window}")
+    _require(g.min_step is None or g.min_step >= 0, "guard.min_step", f"must be >= 0, got {g.min_step}")
+    _require(0 < g.lr_factor <= 1, "guard.lr_factor", f"must be in (0, 1], got {g.lr_factor}")
+    for key in ("lr_steps", "max_rollbacks"):
+        _require(getattr(g, key) >= 0, f"guard.{key}", f"must be >= 0, got {getattr(g, key)}")
     _require(p.mode in ("ddp", "fsdp"), "parallel.mode", f"unknown mode {p.mode!r} (ddp or fsdp)")
     _require(p.backend in ("auto", "nccl", "gloo"), "parallel.backend",
              f"unknown backend {p.backend!r} (auto, nccl or gloo)")

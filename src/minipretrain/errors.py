@@ -15,3 +15,11 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     pass
+
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped early, try again": a scheduler should resume the run
+
+
+class Preempted(Exception):
+    """The run stopped on a signal (SIGTERM, SIGINT, SIGUSR1) after saving a checkpoint; the message says how to
+    continue. Not a failure: the CLI exits with PREEMPTED_EXIT_CODE."""

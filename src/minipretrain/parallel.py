@@ -2,6 +2,7 @@
 of a plain MiniMind. The model file never imports this one (torchtitan's `parallelize.py` split).
 
     world = init_distributed(cfg.parallel, cfg.train.device)   # one process, or the ranks torchrun started
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)   # before any wrapping
     step_model = parallelize(model, world, cfg.parallel, amp_dtype)
     with gradient_sync(step_model, last_micro_step): ...      # DDP all-reduces only at the accumulation boundary
 
@@ -13,14 +14,17 @@ from __future__ import annotations
 
 import datetime
 import os
+import types
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from minipretrain.config import ParallelConfig, check_device_name
 from minipretrain.errors import ConfigError
+from minipretrain.moe import moe_layers
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
@@ -74,6 +78,15 @@ class World:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, group=self.mesh.get_group("dp"))
         return t.tolist()
+
+    def any_rank(self, flags: list[bool]) -> list[bool]:
+        """Element-wise: is each flag set on any rank? (One small all-reduce, so that every rank acts alike on
+        what only some saw, such as a signal.)"""
+        if not self.distributed:
+            return list(flags)
+        t = torch.tensor(flags, dtype=torch.float32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
 
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank."""
@@ -188,6 +201,48 @@ def check_parallel_precision(world: World, cfg: ParallelConfig, amp_dtype: torch
     if world.distributed and amp_dtype == torch.float16 and (cfg.mode == "fsdp" or world.tp_size > 1):
         raise ConfigError("train.dtype=float16 needs a gradient scaler that FSDP and tensor parallelism do not "
                           "use here: train with bfloat16 (the default on GPUs that support it)")
+
+
+def checkpointed_blocks(num_layers: int, mode: str) -> list[int]:
+    """Indices of the blocks whose activations `train.activation_checkpointing` recomputes: none; full: every
+    block; selective: every second block, 1, 3, 5, ... (torchtitan's selective per-layer AC with frequency 2),
+    which keeps about half of the blocks' activations and recomputes the other half's forward in backward."""
+    return {"none": [], "full": list(range(num_layers)), "selective": list(range(1, num_layers, 2))}[mode]
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
+    """Recompute the chosen blocks (see checkpointed_blocks) in backward instead of keeping their activations,
+    with torch.utils.checkpoint (non-reentrant; the RNG state is replayed, so dropout draws the same masks).
+
+    The block's forward is replaced on the instance rather than wrapped in a module, so parameter names, and with
+    them state dicts and checkpoints, are the same with or without it. Apply it before parallelize: FSDP2, DDP and
+    tensor parallelism then wrap the blocks as usual."""
+    for i in checkpointed_blocks(len(model.layers), mode):
+        block = model.layers[i]
+        block.forward = types.MethodType(_checkpointed_forward, block)  # a method: deepcopy re-binds it
+
+
+def _checkpointed_forward(block: torch.nn.Module, *args, **kwargs):
+    forward = type(block).forward
+    if not (block.training and torch.is_grad_enabled()):  # evaluation and generation: nothing kept to recompute
+        return forward(block, *args, **kwargs)
+    first_call = True
+
+    def run(*args, **kwargs):
+        nonlocal first_call
+        if first_call:
+            first_call = False
+            return forward(block, *args, **kwargs)
+        # The recompute in backward: an MoE layer's forward adds to its routed-token counts and stores its
+        # balancing loss; undo both, so that counts are not doubled and no recompute graph stays referenced.
+        kept = [(m, m.routed_tokens, m.aux_loss) for m in moe_layers(block)]
+        try:
+            return forward(block, *args, **kwargs)
+        finally:
+            for m, routed, aux in kept:
+                m.routed_tokens, m.aux_loss = routed, aux
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 def parallelize(model: torch.nn.Module, world: World, cfg: ParallelConfig, amp_dtype: torch.dtype) -> torch.nn.Module:

@@ -26,16 +26,19 @@ import pickle
 import random
 import shutil
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.utils._pytree import tree_map
 
 from minipretrain.config import Config, ModelConfig, load_config
 from minipretrain.errors import CheckpointError
@@ -82,45 +85,134 @@ def model_config_json(cfg: ModelConfig) -> dict:
     return {"model_type": "minimind", "tie_word_embeddings": True, "hidden_act": "silu", **cfg.__dict__}
 
 
-def save_checkpoint(run_dir: Path, step: int, model: MiniMind, optimizer: torch.optim.Optimizer, cfg: Config,
-                    tokenizer: Tokenizer, train_state: dict, keep: int, world: World = World()) -> Path:
-    """Called on every rank: each writes its shard of the weights and optimizer state; rank 0 writes the rest,
-    then renames the finished directory into place."""
-    ckpt_root = run_dir / CHECKPOINTS_DIR
-    name = f"step_{step:06d}"
-    tmp = ckpt_root / f".tmp_{name}"
-    if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    world.barrier()
-    final = ckpt_root / name
-    try:
-        torch.save(capture_rng(world.device), tmp / f"rng_{world.rank:05d}.pt")
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / DCP_DIR,
-                 no_dist=not world.distributed)
-        if not world.distributed:  # the full weights are already here: no consolidation needed
-            save_model(model, str(tmp / MODEL_FILE))
+def cpu_copy(tree):
+    """Every tensor of a (nested) state dict copied to the CPU, never a view of the live one: training goes on."""
+    return tree_map(lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _tied_copies(model_state: dict) -> set[str]:
+    """The names of tensors that share another's storage (the tied lm_head.weight, after embed_tokens.weight):
+    safetensors stores each tensor once."""
+    seen, tied = set(), set()
+    for name, tensor in model_state.items():
+        if tensor.data_ptr() in seen:
+            tied.add(name)
+        seen.add(tensor.data_ptr())
+    return tied
+
+
+def write_weights(model_state: dict, path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in model_state.items()}, str(path))
+
+
+class CheckpointSaver:
+    """Writes a run's checkpoints, on every rank: each rank its shard of the weights and optimizer state, rank 0
+    the rest; then rank 0 renames the finished directory into place, points `latest` at it, prunes old ones and
+    copies it to the mirror directory (train.checkpoint_mirror) if there is one.
+
+    With async_save the state is first copied to CPU memory (the only stall), then written by a background thread
+    while training goes on; at most one save is in flight (the next waits for it), and it stays atomic: the
+    directory appears, and `latest` moves, only once every file is written and checksummed."""
+
+    def __init__(self, run_dir: Path, keep: int, world: World = World(), async_save: bool = False,
+                 mirror: str | Path | None = None):
+        self.run_dir, self.keep, self.world = run_dir, keep, world
+        self.mirror = Path(mirror) if mirror else None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if async_save else None
+        self._pending: Future | None = None
+        # The background thread's collectives get a group of their own: two threads must never share one.
+        self._group = dist.new_group(backend="gloo") if async_save and world.distributed else None
+
+    def save(self, step: int, model: MiniMind, optimizer: torch.optim.Optimizer, cfg: Config, tokenizer: Tokenizer,
+             train_state: dict) -> Path:
+        self.wait()
+        world, ckpt_root = self.world, self.run_dir / CHECKPOINTS_DIR
+        final = ckpt_root / f"step_{step:06d}"
+        tmp = ckpt_root / f".tmp_{final.name}"
         if world.is_main:
-            (tmp / "config.json").write_text(json.dumps(model_config_json(cfg.model), indent=2) + "\n")
-            (tmp / "config.toml").write_text(cfg.to_toml())
-            tokenizer.save(tmp)
-            torch.save(train_state, tmp / STATE_FILE)
-            _write_meta(tmp, step, tokenizer.fingerprint)
-    except (OSError, RuntimeError, CheckpointException) as e:  # a full disk shows as any of these
-        raise _save_failed(e, run_dir, final, tmp) from None
-    if world.is_main:
-        if final.exists():  # re-saving a step (e.g. after resuming from it): swap, never leave a gap
-            stale = ckpt_root / f".old_{name}"
-            os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        world.barrier()
+        try:
+            torch.save(capture_rng(world.device), tmp / f"rng_{world.rank:05d}.pt")
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optimizer_state}
+            tied = _tied_copies(model_state)  # before copying, which unties them
+            if world.is_main:
+                (tmp / "config.json").write_text(json.dumps(model_config_json(cfg.model), indent=2) + "\n")
+                (tmp / "config.toml").write_text(cfg.to_toml())
+                tokenizer.save(tmp)
+                torch.save(train_state, tmp / STATE_FILE)
+        except (OSError, RuntimeError) as e:  # a full disk shows as any of these
+            raise _save_failed(e, self.run_dir, final, tmp) from None
+        if self._executor is None:
+            self._write(state, tied, tmp, final, step, tokenizer.fingerprint)
+            world.barrier()  # nobody moves on (or exits) before the checkpoint is complete
         else:
-            os.replace(tmp, final)
-        write_atomic(run_dir / LATEST, f"{CHECKPOINTS_DIR}/{name}\n")
-        _prune(ckpt_root, keep, protect=final)
-    world.barrier()  # nobody moves on (or exits) before the checkpoint is complete
-    return final
+            self._pending = self._executor.submit(self._write, cpu_copy(state), tied, tmp, final, step,
+                                                  tokenizer.fingerprint)
+        return final
+
+    def _write(self, state: dict, tied: set[str], tmp: Path, final: Path, step: int,
+               tokenizer_fingerprint: str) -> None:
+        world = self.world
+        try:
+            dcp.save(state, checkpoint_id=tmp / DCP_DIR, no_dist=not world.distributed, process_group=self._group)
+            if not world.distributed:  # the full weights are already here: no consolidation needed
+                write_weights({k: v for k, v in state["model"].items() if k not in tied}, tmp / MODEL_FILE)
+            if world.is_main:  # dcp.save returned: every rank's shard (and its rng file) is written
+                _write_meta(tmp, step, tokenizer_fingerprint)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            raise _save_failed(e, self.run_dir, final, tmp) from None
+        if world.is_main:
+            _install(tmp, final)
+            write_atomic(self.run_dir / LATEST, f"{CHECKPOINTS_DIR}/{final.name}\n")
+            _prune(final.parent, self.keep, protect=final)
+            if self.mirror is not None:
+                _copy_to_mirror(final, self.mirror, self.keep)
+
+    def wait(self) -> None:
+        """Until the save in flight (if any) is complete; raises its failure here, in the training thread."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown()
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename a finished checkpoint into place; re-saving a step (after resuming from it) swaps, never leaving
+    a moment without one."""
+    if final.exists():
+        stale = final.parent / f".old_{final.name}"
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _copy_to_mirror(ckpt: Path, mirror: Path, keep: int) -> None:
+    """Copy a completed checkpoint to mirror/checkpoints/ (a run-directory layout, with its own `latest`), the
+    same atomic way. A mirror that cannot be written is a warning: the primary checkpoint is complete."""
+    root = mirror / CHECKPOINTS_DIR
+    tmp = root / f".tmp_{ckpt.name}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ckpt, tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                fsync_path(f)
+        _install(tmp, root / ckpt.name)
+        write_atomic(mirror / LATEST, f"{CHECKPOINTS_DIR}/{ckpt.name}\n")
+        _prune(root, keep, protect=root / ckpt.name)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        warnings.warn(f"train.checkpoint_mirror: copying {ckpt.name} to {mirror} failed ({e}); the checkpoint in "
+                      "the run directory is complete", stacklevel=1)
 
 
 def _save_failed(error: BaseException, run_dir: Path, target: Path, tmp: Path) -> CheckpointError:

@@ -10,7 +10,6 @@ logs and writes files, every rank takes part in the collective steps (validation
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import sys
@@ -26,13 +25,14 @@ from tqdm import tqdm
 from minipretrain import moe
 from minipretrain.config import Config, ModelConfig
 from minipretrain.data.dataset import RUN_DATA_DIR, check_objective_tokenizer, load_run_data
-from minipretrain.errors import CheckpointError, UserError
+from minipretrain.errors import CheckpointError, Preempted, UserError
 from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.fileio import DirectoryLock
 from minipretrain.generate import complete
 from minipretrain.model import MiniMind, prediction_targets
 from minipretrain.parallel import (
     World,
+    apply_activation_checkpointing,
     check_parallel_precision,
     clip_grad_norm,
     gradient_sync,
@@ -51,7 +51,9 @@ from minipretrain.tokenizer import Tokenizer
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.metrics import MetricsLog
 from minipretrain.train.optim import build_optimizer
+from minipretrain.train.preemption import SaveTimer, StopSignals
 from minipretrain.train.schedule import lr_at
+from minipretrain.train.stability import Snapshot, SpikeGuard
 from minipretrain.train.trackers import TRACKER_DIRS, TRACKERS_FILE, Trackers, check_loggers
 
 RUN_FILES = ("metrics.jsonl", "samples.txt", "summary.json", "config.toml", "tokenizer", RUN_DATA_DIR,
@@ -68,21 +70,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool | str, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run. Never silently restarts or clobbers a run."""
+def _verified_checkpoint(source: Path) -> Path:
+    ckpt = ckpt_io.resolve_checkpoint(source)
+    try:
+        ckpt_io.verify_checkpoint(ckpt)
+    except CheckpointError as e:
+        earlier = [str(p) for p in ckpt_io.complete_checkpoints(ckpt.parent) if p != ckpt]
+        hint = f"; earlier checkpoints: {', '.join(earlier)} (resume one with --resume PATH)" if earlier else ""
+        raise CheckpointError(f"{e}{hint}") from None
+    return ckpt
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool | str, overwrite: bool, mirror: str | None = None) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run. Never silently restarts or clobbers a run. A run
+    whose own latest checkpoint is missing or corrupt resumes from its mirror's (train.checkpoint_mirror)."""
     if resume:
-        source = run_dir if resume is True else Path(resume)
-        if resume is True and not (run_dir / ckpt_io.LATEST).exists() and not ckpt_io.list_checkpoints(run_dir):
-            raise CheckpointError(f"nothing to resume in {run_dir}: it has no checkpoint; "
-                                  "run without --resume to start")
-        ckpt = ckpt_io.resolve_checkpoint(source)
+        if resume is not True:
+            return _verified_checkpoint(Path(resume))
         try:
-            ckpt_io.verify_checkpoint(ckpt)
+            if not (run_dir / ckpt_io.LATEST).exists() and not ckpt_io.list_checkpoints(run_dir):
+                raise CheckpointError(f"nothing to resume in {run_dir}: it has no checkpoint; "
+                                      "run without --resume to start")
+            return _verified_checkpoint(run_dir)
         except CheckpointError as e:
-            earlier = [str(p) for p in ckpt_io.complete_checkpoints(ckpt.parent) if p != ckpt]
-            hint = f"; earlier checkpoints: {', '.join(earlier)} (resume one with --resume PATH)" if earlier else ""
-            raise CheckpointError(f"{e}{hint}") from None
-        return ckpt
+            if mirror is None or not (Path(mirror) / ckpt_io.LATEST).is_file():
+                raise
+            ckpt = _verified_checkpoint(Path(mirror))
+            log(f"{e}\nresuming from the mirror's copy instead: {ckpt}")
+            return ckpt
     existing = [name for name in (ckpt_io.LATEST, ckpt_io.CHECKPOINTS_DIR) if (run_dir / name).exists()]
     if existing:
         if not overwrite:
@@ -151,13 +166,24 @@ def accumulate_gradients(step_model, micro_batches, autocast, scaler, world: Wor
     return tuple(world.sum_over_dp([step_loss, step_aux]))
 
 
-def apply_gradients(model, optimizer, scaler, grad_clip: float) -> float:
-    """Unscale, clip (0 = no clipping), step, clear; returns the global gradient norm before clipping."""
+def unscale_and_clip(model, optimizer, scaler, grad_clip: float) -> float:
+    """Unscale and clip (0 = no clipping) the gradients; returns their global norm before clipping."""
     scaler.unscale_(optimizer)
-    grad_norm = clip_grad_norm(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    return clip_grad_norm(model.parameters(), grad_clip)
+
+
+def finish_step(optimizer, scaler, apply: bool = True) -> None:
+    """Step (unless the spike guard dropped this update: then neither weights nor Adam moments see it), clear."""
+    if apply:
+        scaler.step(optimizer)
+    scaler.update()  # an fp16 scaler still learns from an overflow, whoever skipped the step
     optimizer.zero_grad(set_to_none=True)
+
+
+def apply_gradients(model, optimizer, scaler, grad_clip: float) -> float:
+    """Unscale, clip, step, clear; returns the global gradient norm before clipping."""
+    grad_norm = unscale_and_clip(model, optimizer, scaler, grad_clip)
+    finish_step(optimizer, scaler)
     return grad_norm
 
 
@@ -171,6 +197,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
     try:
         with ExitStack() as held:  # the run directory's lock, released however the run ends
             summary = _train(cfg, Path(run_dir), resume, overwrite, show_progress, world, trackers, held)
+    except Preempted:  # every rank saved together: a clean, resumable end
+        trackers.close()
+        world.close()
+        raise
     except BaseException:
         trackers.close(failed=True)
         raise
@@ -207,7 +237,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     init_ckpt = _init_checkpoint(cfg, resume)  # and this
     if main and (not resume or run_dir.is_dir()):  # rank 0 holds it; a --resume of nothing is refused below
         held.enter_context(DirectoryLock(run_dir))  # before anything in the run directory is read or deleted
-    ckpt = world.broadcast(_prepare_run_dir(run_dir, resume, overwrite) if main else None)
+    ckpt = world.broadcast(_prepare_run_dir(run_dir, resume, overwrite, t.checkpoint_mirror) if main else None)
     state = None
     if ckpt is not None:
         _check_same_model(ckpt_io.read_checkpoint_config(ckpt).model, cfg.model, ckpt)
@@ -233,6 +263,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     if init_ckpt is not None:  # the full weights on every rank, before parallelize shards or splits them
         model.load_state_dict(ckpt_io.load_model_from_checkpoint(init_ckpt)[0].state_dict())
         say(f"initialized from {init_ckpt}: its weights, a fresh optimizer and schedule from step 0")
+    apply_activation_checkpointing(model, t.activation_checkpointing)  # before parallelize wraps the blocks
     step_model = parallelize(model, world, cfg.parallel, amp_dtype)
     if world.dp_rank:  # data-parallel replicas draw different dropout masks; tensor-parallel peers the same ones
         seed_everything(t.seed + world.dp_rank)
@@ -248,10 +279,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     token_bytes = token_byte_lengths(tokenizer, cfg.model.vocab_size)
 
     step, tokens, elapsed_before = 0, 0, 0.0
+    guard = SpikeGuard(cfg.guard, cfg.optim.warmup_steps)
     if state is not None:
         ckpt_io.load_weights_and_optimizer(ckpt, model, optimizer, world)
         load_scaler_state(scaler, state["scaler"])
         batches.load_state_dict(state["data"])
+        if "guard" in state:  # absent in checkpoints of earlier versions
+            guard.load_state_dict(state["guard"])
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
         if not ckpt_io.restore_rng_of_rank(ckpt, world):
             # Only dropout draws from these; the data order is the sampler's and continues exactly.
@@ -264,16 +298,58 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     if main:
         _rewind_samples(run_dir / "samples.txt", step)
 
+    snapshot = Snapshot() if cfg.guard.action == "rollback" else None  # what a rollback restores
+    save_timer = SaveTimer(t.save_every_minutes)
+    saver = ckpt_io.CheckpointSaver(run_dir, t.keep_checkpoints, world, t.async_save, t.checkpoint_mirror)
+    held.callback(saver.close)  # a save in flight completes, whatever ends the run
+
     def save():
         train_state = {
             "step": step, "tokens": tokens, "elapsed": elapsed(), "scaler": scaler.state_dict(),
-            "data": batches.state_dict(),
+            "data": batches.state_dict(), "guard": guard.state_dict(),
         }
-        saved = ckpt_io.save_checkpoint(run_dir, step, model, optimizer, cfg, tokenizer, train_state,
-                                        t.keep_checkpoints, world)
+        saved = saver.save(step, model, optimizer, cfg, tokenizer, train_state)
+        save_timer.reset()
+        if snapshot is not None:
+            snapshot.take(step, model, optimizer, scaler, batches.drawn)
         if main:
             write_run_plot(run_dir)  # never fails training: a plotting error is a warning
         return saved
+
+    def log_event(record: dict, message: str) -> None:
+        if main:
+            metrics.write(record)
+        say(message)
+
+    def spans(before: list[int], after: list[int]) -> dict:
+        """The draws of each source between two data positions: which samples an event concerns."""
+        return {name: [b, a] for name, b, a in zip(batches.names, before, after, strict=True) if a > b}
+
+    def handle_bad_step(reason: str, loss: float, grad_norm: float, draws: dict) -> None:
+        """The spike guard's action on a step whose update was not applied (see train/stability.py)."""
+        record = {"step": step, "loss": loss, "grad_norm": grad_norm, "reason": reason, "draws": draws}
+        if cfg.guard.action == "stop":
+            log_event({**record, "event": "stopped"}, f"step {step}: {reason}")
+            last = (run_dir / ckpt_io.LATEST).read_text().strip() if (run_dir / ckpt_io.LATEST).is_file() else None
+            then = f"continue from {run_dir / last} with --resume" if last else "start again"
+            raise UserError(f"step {step}: {reason}: training diverged (guard.action=stop); lower optim.lr or raise "
+                            f"optim.warmup_steps, then {then}")
+        event = guard.record_spike(step, loss, draws)
+        log_event({**record, "event": event}, f"step {step}: {reason}: update skipped")
+        if not guard.wants_rollback():
+            return
+        if not guard.rolled_back(step):
+            raise UserError(f"step {step}: {guard.counts['rollback']} rollbacks did not stop the loss spikes "
+                            f"(guard.max_rollbacks={cfg.guard.max_rollbacks}): lower optim.lr or check the data, "
+                            f"then continue from the last checkpoint with --resume")
+        snapshot.restore(model, optimizer, scaler)
+        skipped = spans(snapshot.draws, batches.drawn)
+        log_event({"step": step, "event": "rollback", "to_step": snapshot.step, "draws": skipped,
+                   "lr_factor": cfg.guard.lr_factor, "lr_until": guard.lr_scaled_until},
+                  f"step {step}: {cfg.guard.max_spikes} spikes within {cfg.guard.window} steps: rolled back to the "
+                  f"weights of step {snapshot.step}, skipping the data in between"
+                  + (f"; learning rate x{cfg.guard.lr_factor:g} until step {guard.lr_scaled_until}"
+                     if cfg.guard.lr_factor != 1 else ""))
 
     def evaluate_sets(sets: dict) -> dict:
         return {name: evaluate(model, rows, t.batch_size, token_bytes, t.eval_batches, str(device), autocast,
@@ -320,6 +396,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
         return elapsed_before + time.perf_counter() - start
 
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world.dp_size  # global
+    if snapshot is not None:
+        snapshot.take(step, model, optimizer, scaler, batches.drawn)
     first_val = validate() if val_sets and step == 0 else None
     last_val, losses = first_val, []
     first_step = step
@@ -327,30 +405,40 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     # Redirected to a file, the bar would write a line per step: refresh it every 30 s instead.
     bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not show_progress,
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
+    signals = held.enter_context(StopSignals())
     try:
         while step < t.max_steps:
             step_start = time.perf_counter()
-            lr = lr_at(step, cfg.optim, t.max_steps)
+            lr = lr_at(step, cfg.optim, t.max_steps) * guard.lr_scale(step + 1)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            drawn_before = list(batches.drawn)
             micro_batches = [batches.next_batch(t.batch_size, world.dp_rank, world.dp_size)
                              for _ in range(t.grad_accum)]
             step_loss, aux_loss = accumulate_gradients(step_model, micro_batches, autocast, scaler, world, model.causal)
-            if not math.isfinite(step_loss):
-                raise UserError(f"loss is {step_loss} at step {step + 1}: training diverged; lower optim.lr or "
-                                f"raise optim.warmup_steps, then resume from the last checkpoint with --resume")
-            grad_norm = apply_gradients(model, optimizer, scaler, cfg.optim.grad_clip)
-            balance = moe.end_of_step(model, world, cfg.model.router_bias_update_rate)  # None for dense models
+            grad_norm = unscale_and_clip(model, optimizer, scaler, cfg.optim.grad_clip)
+            reason = guard.check(step + 1, step_loss, grad_norm, check_grad_finite=not scaler.is_enabled())
+            # One all-reduce, so that every rank drops the same updates and saves or stops at the same step.
+            bad, stop, save_due = world.any_rank([reason is not None, signals.received is not None,
+                                                  save_timer.due()])
+            finish_step(optimizer, scaler, apply=not bad)
+            # A dropped update leaves the routers' balancing biases alone too.
+            balance = moe.end_of_step(model, world, 0.0 if bad else cfg.model.router_bias_update_rate)
             step += 1
             tokens += tokens_per_step
-            losses.append(step_loss)
             step_time = time.perf_counter() - step_start
             window_steps += 1
             window_time += step_time
             session_time += step_time
             bar.update(1)
+            if bad:
+                handle_bad_step(reason or "a bad step on another rank", step_loss, grad_norm,
+                                spans(drawn_before, batches.drawn))
+            else:
+                guard.accept(step_loss, grad_norm)
+                losses.append(step_loss)
 
-            if step % t.log_every == 0 or step == t.max_steps:
+            if not bad and (step % t.log_every == 0 or step == t.max_steps):
                 tokens_per_s = window_steps * tokens_per_step / max(window_time, 1e-9)
                 record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                           "elapsed": round(elapsed(), 3), "tokens_per_s": round(tokens_per_s, 1)}
@@ -366,7 +454,14 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
                 last_val = validate()
             if t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
                 sample()
-            if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+            if stop and step < t.max_steps:  # at the last step the run ends (and saves) anyway
+                saved = save()
+                saver.wait()
+                log_event({"step": step, "event": "preempted", "signal": signals.received or "another rank's"},
+                          f"step {step}: stopped by {signals.received or 'a signal to another rank'}; saved {saved}")
+                raise Preempted(f"stopped by {signals.received or 'a signal to another rank'} at step {step}; "
+                                f"checkpoint {saved} saved: continue with --resume")
+            if ((t.save_every and step % t.save_every == 0) or save_due) and step < t.max_steps:
                 save()
     finally:
         bar.close()
@@ -374,6 +469,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     if val_sets:
         last_val = validate()
     final_ckpt = save()  # before sampling: a failure while sampling must not cost the final checkpoint
+    saver.wait()
     sample_text = sample()
     total_time = elapsed()
     summary = {
@@ -383,7 +479,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
         "first_val_loss": first_val["val_loss"] if first_val else None,
         "final_val_loss": last_val["val_loss"] if last_val else None,
         "final_val_bpb": last_val.get("val_bpb") if last_val else None,
-        "checkpoint": str(final_ckpt), "sample": sample_text,
+        "checkpoint": str(final_ckpt), "sample": sample_text, "guard": guard.summary(),
     }
     for key in ("val_accuracy", "val_fim_loss"):  # masked LM, fill-in-the-middle
         if last_val and key in last_val:
@@ -394,6 +490,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     val_text = (f"val loss {summary['first_val_loss']:.4f} -> {summary['final_val_loss']:.4f}"
                 if first_val and last_val else "")
+    events = ", ".join(f"{n} {event.replace('_', ' ')}" for event, n in guard.summary().items() if n)
     log(f"done: {step} steps, {tokens:,} tokens in {total_time:.0f}s; train loss {summary['final_train_loss']:.4f}"
-        f"{'; ' + val_text if val_text else ''}; checkpoint {final_ckpt}")
+        f"{'; ' + val_text if val_text else ''}{'; spike guard: ' + events if events else ''}; checkpoint {final_ckpt}")
     return summary
