@@ -67,12 +67,13 @@ def test_rollback_counts_spikes_within_the_window_and_state_round_trips():
     assert guard.record_spike(16, math.nan, {}) == "nan"  # step 5 fell out of the window
     assert not guard.wants_rollback()
     assert guard.record_spike(17, 9.0, {}) == "spike_skipped" and guard.wants_rollback()
+    assert not guard.level_shifted()  # under rollback, spikes in a row are for the rollback
     assert guard.rolled_back(17) and guard.spike_steps == []
     assert guard.lr_scale(21) == 0.5 and guard.lr_scale(22) == 1.0
     copy = SpikeGuard(guard.cfg, 0)
     copy.load_state_dict(guard.state_dict())
     assert copy.state_dict() == guard.state_dict()
-    assert guard.summary() == {"spike_skipped": 2, "nan": 1, "rollback": 1}
+    assert guard.summary() == {"spike_skipped": 2, "nan": 1, "rollback": 1, "rebaseline": 0}
 
 
 @pytest.mark.parametrize("bad", ["guard.action=retry", "guard.loss_factor=0.5", "guard.window=0",
@@ -91,7 +92,8 @@ REAL_LR_AT, REAL_ACCUMULATE = loop.lr_at, loop.accumulate_gradients
 class Faults:
     """Wraps the trainer's accumulate_gradients to corrupt chosen steps (1-based), and records the weights each
     step starts from. kinds: garbage (random tokens and labels), nan (a NaN forward: loss and gradients),
-    explode (gradients x 1e4), crash (the process dies here). The test model is so small that its loss on anything
+    explode (gradients x 1e4), shift (gradients x 30: a lasting new level when given for every later step), crash
+    (the process dies here). The test model is so small that its loss on anything
     stays near ln(vocab): garbage lifts it by about 1.35x, so these tests set guard.loss_factor=1.2."""
 
     def __init__(self, monkeypatch, faults: dict[int, str]):
@@ -116,9 +118,9 @@ class Faults:
                 micro_batches = [b._replace(inputs=x, labels=torch.full_like(x, w), doc_ids=None)
                                  for b, x, w in zip(micro_batches, inputs, worst, strict=True)]
             loss, aux = real_accumulate(step_model, micro_batches, *args, **kwargs)
-            if kind in ("nan", "explode"):
+            if kind in ("nan", "explode", "shift"):
                 for p in model.parameters():
-                    p.grad.mul_(math.nan if kind == "nan" else 1e4)
+                    p.grad.mul_({"nan": math.nan, "explode": 1e4, "shift": 30.0}[kind])
                 loss = math.nan if kind == "nan" else loss
             return loss, aux
 
@@ -167,6 +169,16 @@ def test_a_skipped_spike_ends_within_noise_of_a_clean_run(tmp_path, shakespeare,
     assert abs(guarded["final_val_loss"] - clean["final_val_loss"]) < 0.02 * clean["final_val_loss"]
 
 
+def test_a_lasting_shift_is_a_new_level_not_a_spike_per_step(tmp_path, shakespeare, tokenizer_dir, monkeypatch):
+    Faults(monkeypatch, {s: "shift" for s in range(15, 31)})  # gradients 30x larger from step 15 on, for good
+    summary = loop.train(_cfg(shakespeare, tokenizer_dir), tmp_path / "run", show_progress=False)
+    events = _events(tmp_path / "run")
+    assert [(e["step"], e["event"]) for e in events] == [(15, "spike_skipped"), (16, "spike_skipped"),
+                                                          (17, "spike_skipped"), (17, "rebaseline")]
+    assert summary["guard"]["spike_skipped"] == 3  # then training goes on: steps 18-30 are applied
+    assert all(s in step_losses(tmp_path / "run") for s in range(18, 31))
+
+
 def test_without_the_guard_an_injected_fault_stops_the_run_naming_the_checkpoint(tmp_path, shakespeare,
                                                                                  tokenizer_dir, monkeypatch):
     Faults(monkeypatch, {14: "nan"})
@@ -189,7 +201,7 @@ def test_rollback_restores_the_last_snapshot_and_skips_the_data(tmp_path, shakes
     assert [e["event"] for e in events] == ["spike_skipped", "nan", "rollback"]
     rollback = events[-1]
     assert rollback["to_step"] == 10 and rollback["draws"] == {"shakespeare": [40, 56]}  # steps 11-14 skipped
-    assert summary["guard"] == {"spike_skipped": 1, "nan": 1, "rollback": 1}
+    assert summary["guard"] == {"spike_skipped": 1, "nan": 1, "rollback": 1, "rebaseline": 0}
     lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "lr" in r}
     cfg = _cfg(shakespeare, tokenizer_dir, *ROLLBACK)
     assert lrs[16] == pytest.approx(0.5 * lr_at(15, cfg.optim, 30))

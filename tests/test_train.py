@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL, assert_cli_errors, data_overrides, shared_file, step_losses, tiny_config, train_cmd
 
-from minipretrain.errors import CheckpointError, UserError
+from minipretrain.errors import CheckpointError, DataError, UserError
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.loop import train
 from minipretrain.train.metrics import read_metrics
@@ -440,3 +440,63 @@ def test_checkpoint_mirror_copies_and_backs_up_a_corrupt_primary(tmp_path, shake
     with pytest.raises(CheckpointError, match="does not match its recorded checksum"):  # without a mirror: refused
         (run / "checkpoints" / "step_000008" / "train_state.pt").write_bytes(b"x")
         train(tiny_config(*sets[:-2], "train.max_steps=10"), run, resume=True, show_progress=False)
+
+
+def test_branch_from_continues_a_checkpoint_into_a_new_run_with_a_new_schedule(tmp_path, shakespeare, tokenizer_dir,
+                                                                               capsys):
+    from minipretrain.cli import main
+    from minipretrain.train.schedule import lr_at
+
+    cfg = tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=20", "train.save_every=5",
+                      "train.keep_checkpoints=10", "optim.schedule=wsd", "model.dropout=0.1")
+    stable = tmp_path / "stable"
+    train(cfg, stable, show_progress=False)
+    before = {p: p.read_bytes() for p in stable.rglob("*") if p.is_file() and p.name != ".lock"}
+    source = stable / "checkpoints" / "step_000010"
+    same = tmp_path / "same"  # branched with the same schedule: exactly the original's steps 11-20
+    main(["train", "--run-dir", str(same), "--branch-from", str(source), "--no-progress"])
+    assert f"branched from {source} at step 10" in capsys.readouterr().out
+    assert step_losses(same) == {s: loss for s, loss in step_losses(stable).items() if s > 10}
+    decay = tmp_path / "decay"  # the WSD decay phase from step 10: 4 steps down to min_lr
+    main(["train", "--run-dir", str(decay), "--branch-from", str(source), "--no-progress",
+          "--set", "train.max_steps=14", "--set", "optim.decay_steps=4"])
+    lrs = {r["step"]: r["lr"] for r in read_metrics(decay / "metrics.jsonl") if "lr" in r}
+    decayed = tiny_config("train.max_steps=14", "optim.decay_steps=4", "optim.schedule=wsd").optim
+    assert lrs == pytest.approx({s: lr_at(s - 1, decayed, 14) for s in range(11, 15)})
+    assert lrs[14] == pytest.approx(cfg.optim.min_lr)
+    assert step_losses(decay)[11] == step_losses(stable)[11]  # the same weights and batch, before the update
+    after = {p: p.read_bytes() for p in stable.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # the original run is untouched
+    assert_cli_errors({
+        "pass one of them": ["train", "--run-dir", str(decay), "--resume", "--branch-from", str(source)],
+        "is inside --run-dir": ["train", "--run-dir", str(stable), "--branch-from", str(source), "--overwrite"],
+        "already holds a run": ["train", "--run-dir", str(decay), "--branch-from", str(source)],
+        "no checkpoint at": ["train", "--run-dir", str(tmp_path / "x"), "--branch-from", str(tmp_path / "nothing")],
+    }, capsys)
+
+
+def test_a_branch_with_a_new_mixture_carries_the_unchanged_sources_over():
+    from minipretrain.data.batches import MixtureSampler
+
+    class Rows:
+        seq_len, pad_id = 4, 0
+
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    old = MixtureSampler([("en", Rows(100))], [1.0], seed=1, fingerprints=["a"])
+    old.next_samples(40)
+    new = MixtureSampler([("en", Rows(100)), ("zh", Rows(50))], [0.2, 0.8], seed=1, fingerprints=["a", "b"])
+    assert new.load_state_dict(old.state_dict(), carry_over=True) == ["en"]
+    assert new.drawn == [40, 0]
+    sources = [source for source, _, _ in new.next_samples(10)]
+    assert sources.count(0) == 2 and sources.count(1) == 8  # the new weights, from the branch point on
+    assert new.next_samples(1)[0][2] in (42, 8)  # draws continue from where each source was
+    resumed = MixtureSampler([("en", Rows(100)), ("zh", Rows(50))], [0.2, 0.8], seed=1, fingerprints=["a", "b"])
+    resumed.load_state_dict(new.state_dict())  # a resume of the branch is exact
+    assert resumed.next_samples(5) == new.next_samples(5)
+    with pytest.raises(DataError, match="the training data changed"):
+        new.load_state_dict(old.state_dict())

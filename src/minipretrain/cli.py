@@ -34,12 +34,17 @@ def cmd_train(args) -> None:
 
     _output_dir(args.run_dir, "--run-dir")
     config_path = args.config
+    if config_path is None and args.branch_from:  # the branched run's config, changed by --set
+        from minipretrain.train.checkpoint import resolve_checkpoint
+
+        config_path = resolve_checkpoint(args.branch_from) / "config.toml"
     if config_path is None and args.resume:
         config_path = Path(args.run_dir) / "config.toml"
         if not config_path.is_file():
             raise ConfigError(f"--resume: {config_path} not found; pass --config with the run's config")
     cfg = load_config(config_path, args.set)
-    train(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress)
+    train(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress,
+          branch_from=args.branch_from)
 
 
 def cmd_tokenizer_train(args) -> None:
@@ -294,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
                    help="continue from the run's latest checkpoint (or from the checkpoint directory given)")
+    p.add_argument("--branch-from", metavar="CKPT",
+                   help="start a new run in --run-dir from another run's checkpoint: weights, optimizer, step and "
+                        "data position, with this run's schedule and data (e.g. a WSD decay phase)")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in --run-dir and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still print)")
     p.set_defaults(func=cmd_train)

@@ -127,6 +127,7 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | minimind | wsd
     decay_fraction: float = 0.2  # wsd: the final share of steps spent decaying to min_lr
+    decay_steps: int | None = None  # wsd: decay over this many final steps instead (a branch's decay phase)
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     beta1: float = 0.9
@@ -395,6 +396,8 @@ def validate(cfg: Config) -> None:
     _require(o.schedule in ("cosine", "minimind", "wsd"), "optim.schedule",
              f"unknown schedule {o.schedule!r} (cosine, minimind or wsd)")
     _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}")
+    _require(o.decay_steps is None or o.decay_steps >= 1, "optim.decay_steps",
+             f"must be at least 1 (or unset: optim.decay_fraction), got {o.decay_steps}")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {o.grad_clip}")
     for key in ("beta1", "beta2"):

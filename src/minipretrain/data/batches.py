@@ -152,12 +152,13 @@ class MixtureSampler:
         self.seed = seed
         self.fingerprints = fingerprints or [""] * len(sources)  # identify each source's tokens, for resume
         self.drawn = [0] * len(sources)
+        self.base = [0] * len(sources)  # draws carried over from a branched run: the weights apply after them
         self._orders: dict[int, tuple[int, np.ndarray]] = {}
         self.objective = objective or CausalLM()
 
     @property
     def consumed(self) -> int:
-        return sum(self.drawn)
+        return sum(self.drawn) - sum(self.base)
 
     def _row_of(self, source: int, j: int) -> int:
         n = len(self.rows[source])
@@ -172,7 +173,7 @@ class MixtureSampler:
         """The next `count` samples of the global sequence as (source, row, draw): the draw-th row of that source."""
         out = []
         for _ in range(count):
-            behind = self.weights * (self.consumed + 1) - np.asarray(self.drawn)
+            behind = self.weights * (self.consumed + 1) - (np.asarray(self.drawn) - self.base)
             source = int(np.argmax(behind))
             draw = self.drawn[source]
             out.append((source, self._row_of(source, draw), draw))
@@ -190,12 +191,22 @@ class MixtureSampler:
         return {name: n * rows.seq_len for name, n, rows in zip(self.names, self.drawn, self.rows, strict=True)}
 
     def state_dict(self) -> dict:
-        return {"drawn": list(self.drawn), "seed": self.seed, "names": list(self.names),
+        return {"drawn": list(self.drawn), "base": list(self.base), "seed": self.seed, "names": list(self.names),
                 "num_rows": [len(r) for r in self.rows], "fingerprints": list(self.fingerprints)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, carry_over: bool = False) -> list[str] | None:
+        """Continue from a saved position. carry_over (a branched run, whose mixture may differ): the sources
+        that are unchanged (same name, tokens, rows and seed) continue where they were, new ones start at their
+        beginning, and the weights apply from here on; returns the names carried over."""
         now = self.state_dict()
         changed = [k for k in ("names", "num_rows", "seed", "fingerprints") if state.get(k) != now[k]]
+        if changed and carry_over:
+            saved = {(name, rows, fp): drawn for name, rows, fp, drawn in
+                     zip(state["names"], state["num_rows"], state["fingerprints"], state["drawn"], strict=True)}
+            keys = zip(now["names"], now["num_rows"], now["fingerprints"], strict=True)
+            self.drawn = [saved.get(key, 0) if state.get("seed") == self.seed else 0 for key in keys]
+            self.base = list(self.drawn)
+            return [name for name, drawn in zip(self.names, self.drawn, strict=True) if drawn]
         if changed:
             raise DataError(
                 f"the training data changed since the checkpoint ({', '.join(changed)} differ: sources "
@@ -203,3 +214,5 @@ class MixtureSampler:
                 f"{state.get('fingerprints')} then; {now['names']} with {now['num_rows']} rows, seed {now['seed']}, "
                 f"tokens {now['fingerprints']} now): resume with the same data, sources and train.seed")
         self.drawn = list(state["drawn"])
+        self.base = list(state.get("base", [0] * len(self.drawn)))  # absent before branching existed
+        return None

@@ -2,6 +2,7 @@
 
     summary = train(load_config("configs/tiny.toml"), "runs/demo")
     summary = train(cfg, "runs/demo", resume=True)      # continue exactly where the last checkpoint left off
+    summary = train(cfg, "runs/decay", branch_from="runs/demo/checkpoints/step_000400")   # a new run from there
 
 Under torchrun every rank runs this same story on its part of each global batch (see parallel.py); rank 0 alone
 logs and writes files, every rank takes part in the collective steps (validation, samples, checkpoints).
@@ -188,7 +189,9 @@ def apply_gradients(model, optimizer, scaler, grad_clip: float) -> float:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrite: bool = False,
-          show_progress: bool = True) -> dict:
+          show_progress: bool = True, branch_from: str | Path | None = None) -> dict:
+    """branch_from: a checkpoint (or run) whose whole state (weights, optimizer, step, data position, RNG) a new
+    run in `run_dir` continues with `cfg`'s schedule and data (e.g. a WSD decay phase); the original is untouched."""
     if cfg.train.deterministic:
         request_deterministic_cublas()  # before anything touches CUDA
     check_loggers(cfg.train.loggers)  # a missing tracker package fails before any work
@@ -196,7 +199,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrit
     trackers = Trackers()  # started once the run directory and the resume step are known
     try:
         with ExitStack() as held:  # the run directory's lock, released however the run ends
-            summary = _train(cfg, Path(run_dir), resume, overwrite, show_progress, world, trackers, held)
+            summary = _train(cfg, Path(run_dir), resume, overwrite, show_progress, world, trackers, held,
+                             branch_from)
     except Preempted:  # every rank saved together: a clean, resumable end
         trackers.close()
         world.close()
@@ -224,7 +228,7 @@ def _load_data(cfg: Config, run_dir: Path, checkpoint_tokenizer: Tokenizer | Non
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show_progress: bool, world: World,
-           trackers: Trackers, held: ExitStack) -> dict:
+           trackers: Trackers, held: ExitStack, branch_from: str | Path | None = None) -> dict:
     t, main = cfg.train, world.is_main
     say = log if main else (lambda message: None)
     show_progress = show_progress and main
@@ -232,12 +236,22 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     precision = resolve_precision(t.dtype, device)  # before the run directory is touched: a refusal loses nothing
     amp_dtype = precision.dtype
     check_parallel_precision(world, cfg.parallel, amp_dtype)
-    if not resume:
+    if resume and branch_from:
+        raise UserError("--resume continues a run in its own directory, --branch-from starts a new one from "
+                        "another run's checkpoint: pass one of them")
+    if not resume and not branch_from:
         check_objective_tokenizer(cfg)  # also before the run directory is touched
-    init_ckpt = _init_checkpoint(cfg, resume)  # and this
+    init_ckpt = _init_checkpoint(cfg, resume or branch_from)  # and this
+    branch_ckpt = None
+    if branch_from:  # and this
+        branch_ckpt = world.broadcast(_verified_checkpoint(Path(branch_from)) if main else None)
+        if run_dir.resolve() in branch_ckpt.resolve().parents:
+            raise UserError(f"--branch-from {branch_from} is inside --run-dir {run_dir}: a branch starts a new run "
+                            "directory and leaves the original untouched")
     if main and (not resume or run_dir.is_dir()):  # rank 0 holds it; a --resume of nothing is refused below
         held.enter_context(DirectoryLock(run_dir))  # before anything in the run directory is read or deleted
     ckpt = world.broadcast(_prepare_run_dir(run_dir, resume, overwrite, t.checkpoint_mirror) if main else None)
+    ckpt = ckpt or branch_ckpt
     state = None
     if ckpt is not None:
         _check_same_model(ckpt_io.read_checkpoint_config(ckpt).model, cfg.model, ckpt)
@@ -283,7 +297,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     if state is not None:
         ckpt_io.load_weights_and_optimizer(ckpt, model, optimizer, world)
         load_scaler_state(scaler, state["scaler"])
-        batches.load_state_dict(state["data"])
+        carried = batches.load_state_dict(state["data"], carry_over=branch_ckpt is not None)
+        if carried is not None:
+            say(f"the data differs from the branched run's: {', '.join(carried) or 'no source'} continue(s) "
+                f"where it was, the others start at their beginning, and the mixture weights apply from here")
         if "guard" in state:  # absent in checkpoints of earlier versions
             guard.load_state_dict(state["guard"])
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed"]
@@ -292,7 +309,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
             seed_everything(t.seed + 1_000_003 * step + world.dp_rank)
             say(f"the checkpoint was saved by another number of processes than this run's {world.size}: random "
                 "number generators re-seeded (dropout masks differ from an uninterrupted run)")
-        say(f"resumed from {ckpt} at step {step} ({tokens:,} tokens)")
+        say(f"{'branched' if branch_ckpt else 'resumed'} from {ckpt} at step {step} ({tokens:,} tokens)")
     step_model = torch.compile(step_model) if t.compile else step_model
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, trackers=trackers) if main else None
     if main:
@@ -336,6 +353,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
                             f"optim.warmup_steps, then {then}")
         event = guard.record_spike(step, loss, draws)
         log_event({**record, "event": event}, f"step {step}: {reason}: update skipped")
+        if guard.level_shifted():
+            guard.rebaseline()
+            log_event({"step": step, "event": "rebaseline"},
+                      f"step {step}: {cfg.guard.max_spikes} spikes in a row: taken as a new level, not a spike; the "
+                      f"guard's running statistics start again from here")
         if not guard.wants_rollback():
             return
         if not guard.rolled_back(step):

@@ -3,7 +3,8 @@
 `step` is the 0-based index of the optimizer step about to be taken; `max_steps` the total.
 - cosine:   linear warmup to lr, then cosine from lr to min_lr, reaching min_lr on the last step
 - minimind: MiniMind's lr/10 + 0.5*lr*(1 + cos(pi*step/max_steps)) (min_lr unused), after optional warmup
-- wsd:      warmup, stable at lr, then a linear decay to min_lr over the final decay_fraction of the steps
+- wsd:      warmup, stable at lr, then a linear decay to min_lr over the final decay_fraction of the steps (or
+            the final decay_steps steps)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
         progress = (step - warmup) / max(1, max_steps - 1 - warmup)
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
     if cfg.schedule == "wsd":
-        decay_steps = max(1, round(cfg.decay_fraction * max_steps))
+        decay_steps = cfg.decay_steps or max(1, round(cfg.decay_fraction * max_steps))
         decay_start = max(warmup, max_steps - decay_steps)
         if step < decay_start:
             return cfg.lr

@@ -8,7 +8,9 @@
 A step is bad when its loss or gradient norm is not finite, or (after guard.min_step, with at least MIN_HISTORY
 good steps behind it) when its loss is above guard.loss_factor x the running mean of the last guard.window good
 losses, or guard.loss_z standard deviations above it, or its gradient norm above guard.grad_norm_factor x their
-running median. Only good steps enter the statistics, so a burst of spikes does not raise the bar for the next.
+running median. Only good steps enter the statistics, so a burst of spikes does not raise the bar for the next;
+but guard.max_spikes statistical spikes in a row under action=skip are a new level, not a spike: the statistics
+start again from it (a "rebaseline" event) instead of skipping every step from then on.
 The decisions depend only on values every rank holds (the global loss and gradient norm) and on the guard's state,
 which is saved in each checkpoint: a resumed run decides exactly as an uninterrupted one.
 """
@@ -35,7 +37,8 @@ class SpikeGuard:
         self.grad_norms: deque[float] = deque(maxlen=cfg.window)
         self.spike_steps: list[int] = []  # bad steps within the last guard.window steps, for rollback
         self.skipped: list[dict] = []  # {"step", "draws"}: the samples whose update was dropped
-        self.counts = {"spike_skipped": 0, "nan": 0, "rollback": 0}
+        self.counts = {"spike_skipped": 0, "nan": 0, "rollback": 0, "rebaseline": 0}
+        self.consecutive = 0  # statistical spikes in a row (not NaN): a lasting shift, if guard.max_spikes of them
         self.lr_scaled_until = 0  # steps up to this one run at guard.lr_factor x the scheduled rate
 
     def check(self, step: int, loss: float, grad_norm: float, check_grad_finite: bool = True) -> str | None:
@@ -65,11 +68,13 @@ class SpikeGuard:
     def accept(self, loss: float, grad_norm: float) -> None:
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
+        self.consecutive = 0
 
     def record_spike(self, step: int, loss: float, draws: dict) -> str:
         """Count a bad step whose update was dropped; returns its event: "nan" or "spike_skipped"."""
         event = "spike_skipped" if math.isfinite(loss) else "nan"
         self.counts[event] += 1
+        self.consecutive = self.consecutive + 1 if event == "spike_skipped" else 0
         self.skipped.append({"step": step, "draws": draws})
         self.spike_steps = [s for s in self.spike_steps if s > step - self.cfg.window] + [step]
         return event
@@ -77,6 +82,18 @@ class SpikeGuard:
     def wants_rollback(self) -> bool:
         """guard.action=rollback and guard.max_spikes bad steps within the last guard.window steps."""
         return self.cfg.action == "rollback" and len(self.spike_steps) >= self.cfg.max_spikes
+
+    def level_shifted(self) -> bool:
+        """guard.action=skip and guard.max_spikes statistical spikes in a row: not a spike but a new level (the
+        gradient norm of a run that leaves a plateau can settle 10x higher). Skipping on would freeze training."""
+        return self.cfg.action == "skip" and self.consecutive >= self.cfg.max_spikes
+
+    def rebaseline(self) -> None:
+        """Forget the running statistics: the next MIN_HISTORY good steps build them anew from the new level."""
+        self.losses.clear()
+        self.grad_norms.clear()
+        self.consecutive = 0
+        self.counts["rebaseline"] += 1
 
     def rolled_back(self, step: int) -> bool:
         """Note a rollback at `step`; False when it is one more than guard.max_rollbacks (time to stop)."""
@@ -94,7 +111,8 @@ class SpikeGuard:
 
     def state_dict(self) -> dict:
         return {"losses": list(self.losses), "grad_norms": list(self.grad_norms), "spike_steps": list(self.spike_steps),
-                "skipped": list(self.skipped), "counts": dict(self.counts), "lr_scaled_until": self.lr_scaled_until}
+                "skipped": list(self.skipped), "counts": dict(self.counts), "lr_scaled_until": self.lr_scaled_until,
+                "consecutive": self.consecutive}
 
     def load_state_dict(self, state: dict) -> None:
         self.losses.extend(state["losses"])
@@ -102,6 +120,7 @@ class SpikeGuard:
         self.spike_steps = list(state["spike_steps"])
         self.skipped = list(state["skipped"])
         self.counts.update(state["counts"])
+        self.consecutive = state.get("consecutive", 0)
         self.lr_scaled_until = state["lr_scaled_until"]
 
 
