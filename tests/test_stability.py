@@ -345,3 +345,28 @@ def test_sigterm_to_one_rank_of_two_saves_on_both_and_resumes(tmp_path, shakespe
     assert len(list((run / "checkpoints" / "step_000004").glob("rng_*.pt"))) == 2  # both ranks saved
     torchrun(2, "train", "--run-dir", str(run), "--resume", "--no-progress")
     _assert_same_steps(_steps(run), _steps(tmp_path / "single"), range(1, 11))
+
+
+def test_torchrun_forwards_the_warning_signal_as_the_examples_launch_it(tmp_path, shakespeare, tokenizer_dir):
+    """examples/slurm.sbatch: torchrun --signals-to-handle ... SIGUSR1 passes Slurm's warning to every rank."""
+    cfg = tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=100000", "train.save_every=0",
+                      "train.batch_size=2")
+    config = tmp_path / "config.toml"
+    config.write_text(cfg.to_toml())
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--signals-to-handle=SIGTERM,SIGINT,SIGUSR1", "--shutdown-timeout=120", "-m", "minipretrain", "train",
+           "--config", str(config), "--run-dir", str(run), "--no-progress"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len(step_losses(run)) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=180)
+    assert "[rank 0] stopped by SIGUSR1" in err and "[rank 1] stopped by SIGUSR1" in err, err[-3000:]
+    last = max(step_losses(run))
+    assert (run / "latest").read_text().strip() == f"checkpoints/step_{last:06d}"
+    assert _events(run)[-1] == {"step": last, "event": "preempted", "signal": "SIGUSR1"}
