@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import platform
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -30,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from throughput import cpu_description
 
 from minipretrain.config import load_config
 from minipretrain.data.objectives import fim_prompt
@@ -207,6 +208,15 @@ def compare(runs: Path, functions: list[str], seed: int, layouts=tuple(LAYOUTS),
     return scores
 
 
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        return f"{fields['Model name'].strip()}, {fields['CPU(s)'].strip()} CPUs"
+    except (OSError, KeyError):
+        return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(CODE))
@@ -243,12 +253,12 @@ def main() -> None:
                             val_bpb=summaries[objective]["final_val_bpb"],
                             train_minutes=round(summaries[objective]["elapsed_s"] / 60, 1))
     tasks = {"random_cuts": len(random_cuts(functions, args.seed)), "lines": len(line_cuts(functions))}
-    result = {"command": " ".join(["python", "benchmarks/fim.py", *sys.argv[1:]]), "cpu": cpu_description(),
+    result = {"command": " ".join(["python", "benchmarks/fim.py", *sys.argv[1:]]), "cpu": cpu_name(),
               "torch": torch.__version__, "steps": args.steps, "overrides": overrides, "functions": len(functions),
               "tasks": tasks, "minutes": round(minutes, 1), "scores": scores}
     clm, psm, spm = scores["clm"], scores["fim"], scores["fim_spm"]
     print(f"{len(functions)} held-out functions ({tasks['random_cuts']} random cuts, {tasks['lines']} lines), "
-          f"{args.steps} steps each, {cpu_description()}, {minutes:.1f} min")
+          f"{args.steps} steps each, {cpu_name()}, {minutes:.1f} min")
     print("| | CLM (prefix only) | FIM, PSM prompt | FIM, SPM prompt |")
     print("| --- | --- | --- | --- |")
     print(f"| loss on middles (nats/token) | {clm['middle_loss']:.3f} | {psm['middle_loss']:.3f} | "

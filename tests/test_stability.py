@@ -298,13 +298,15 @@ def test_a_second_signal_exits_at_once():
         with StopSignals() as signals:
             os.kill(os.getpid(), signal.SIGTERM)
             assert signals.received == "SIGTERM"
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGUSR1)  # the same warning a moment later, by another path: ignored
+            time.sleep(2.5)
+            os.kill(os.getpid(), signal.SIGTERM)  # a second request: exit now
             time.sleep(5)
         raise SystemExit("not reached")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
-    assert "SIGTERM again: exiting now" in result.stderr
+    assert "SIGTERM again: exiting now" in result.stderr and "SIGUSR1" not in result.stderr
 
 
 def test_save_every_minutes(tmp_path, shakespeare, tokenizer_dir, monkeypatch):
@@ -370,3 +372,40 @@ def test_torchrun_forwards_the_warning_signal_as_the_examples_launch_it(tmp_path
     last = max(step_losses(run))
     assert (run / "latest").read_text().strip() == f"checkpoints/step_{last:06d}"
     assert _events(run)[-1] == {"step": last, "event": "preempted", "signal": "SIGUSR1"}
+
+
+BAD_STEP_ON_ONE_RANK = """
+import os, sys
+from minipretrain.train import stability
+real_check = stability.SpikeGuard.check
+
+def check(self, step, *args, **kwargs):  # rank 1 alone (or the single process) sees step 4 as bad
+    if step == 4 and os.environ.get("RANK", "1") == "1":
+        return "injected on one rank"
+    return real_check(self, step, *args, **kwargs)
+
+stability.SpikeGuard.check = check
+from minipretrain.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_bad_step_seen_by_one_rank_is_rolled_back_by_all_under_fsdp(tmp_path, shakespeare, tokenizer_dir):
+    from test_distributed import _assert_same_steps, _steps, torchrun
+
+    sets = [*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=8", "train.save_every=3",
+            "guard.action=rollback", "guard.max_spikes=1"]
+    script = tmp_path / "bad_step.py"
+    script.write_text(BAD_STEP_ON_ONE_RANK)
+    single, sharded = tmp_path / "single.toml", tmp_path / "fsdp.toml"
+    single.write_text(tiny_config(*sets, "train.batch_size=4").to_toml())
+    sharded.write_text(tiny_config(*sets, "train.batch_size=2", "parallel.mode=fsdp").to_toml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), "train", "--config", str(single), "--run-dir",
+                    str(tmp_path / "one"), "--no-progress"], check=True, env=env, capture_output=True)
+    torchrun(2, "train", "--config", str(sharded), "--run-dir", str(tmp_path / "two"), "--no-progress",
+             script=[str(script)])
+    for run in ("one", "two"):
+        assert [(e["step"], e["event"]) for e in _events(tmp_path / run)] == [(4, "spike_skipped"), (4, "rollback")]
+        assert _events(tmp_path / run)[-1]["to_step"] == 3
+    _assert_same_steps(_steps(tmp_path / "two"), _steps(tmp_path / "one"), [1, 2, 3, 5, 6, 7, 8])

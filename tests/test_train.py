@@ -394,17 +394,27 @@ def test_async_save_gives_the_same_checkpoints_and_losses(tmp_path, shakespeare,
     sets = [*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=8", "train.save_every=2",
             "train.keep_checkpoints=10", "model.dropout=0.1"]
     train(tiny_config(*sets), tmp_path / "sync", show_progress=False)
-    in_flight, real_write = [], ckpt_io.CheckpointSaver._write
+    import threading
 
-    def write(self, *args):  # slow writes: the step loop must run ahead of them, one save at a time
-        in_flight.append(1)
-        assert len(in_flight) == 1
-        time.sleep(0.3)
-        real_write(self, *args)
-        in_flight.pop()
+    from minipretrain.train import loop
 
+    step_started, overlapped = threading.Event(), []
+    real_write, real_lr_at = ckpt_io.CheckpointSaver._write, loop.lr_at
+
+    def lr_at(step, *args):
+        step_started.set()
+        return real_lr_at(step, *args)
+
+    def write(self, state, tied, tmp, final, *args):  # holds each save until the step loop has moved on
+        if final.name != "step_000008":  # the last save: no step follows it
+            step_started.clear()
+            overlapped.append(step_started.wait(timeout=60))
+        real_write(self, state, tied, tmp, final, *args)
+
+    monkeypatch.setattr(loop, "lr_at", lr_at)
     monkeypatch.setattr(ckpt_io.CheckpointSaver, "_write", write)
     train(tiny_config(*sets, "train.async_save=true"), tmp_path / "async", show_progress=False)
+    assert overlapped == [True, True, True]  # steps 3, 5 and 7 ran while the saves of 2, 4 and 6 were written
     assert step_losses(tmp_path / "async") == step_losses(tmp_path / "sync")
     for a, b in zip(ckpt_io.list_checkpoints(tmp_path / "async"), ckpt_io.list_checkpoints(tmp_path / "sync"),
                     strict=True):
@@ -437,6 +447,8 @@ def test_checkpoint_mirror_copies_and_backs_up_a_corrupt_primary(tmp_path, shake
     assert "does not match its recorded checksum" in out and "resuming from the mirror's copy instead" in out
     assert f"resumed from {mirror / 'checkpoints' / 'step_000006'} at step 6" in out
     assert (run / "latest").read_text().strip() == "checkpoints/step_000008"
+    with pytest.raises(UserError, match=r"checkpoint_mirror=.* already holds a run's checkpoints: pass --resume"):
+        train(tiny_config(*sets), tmp_path / "another", show_progress=False)  # never two runs in one mirror
     with pytest.raises(CheckpointError, match="does not match its recorded checksum"):  # without a mirror: refused
         (run / "checkpoints" / "step_000008" / "train_state.pt").write_bytes(b"x")
         train(tiny_config(*sets[:-2], "train.max_steps=10"), run, resume=True, show_progress=False)
@@ -448,10 +460,12 @@ def test_branch_from_continues_a_checkpoint_into_a_new_run_with_a_new_schedule(t
     from minipretrain.train.schedule import lr_at
 
     cfg = tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=20", "train.save_every=5",
-                      "train.keep_checkpoints=10", "optim.schedule=wsd", "model.dropout=0.1")
+                      "train.keep_checkpoints=10", "optim.schedule=wsd", "model.dropout=0.1",
+                      f"train.checkpoint_mirror={json.dumps(str(tmp_path / 'mir'))}")
     stable = tmp_path / "stable"
     train(cfg, stable, show_progress=False)
-    before = {p: p.read_bytes() for p in stable.rglob("*") if p.is_file() and p.name != ".lock"}
+    before = {p: p.read_bytes() for d in (stable, tmp_path / "mir") for p in d.rglob("*")
+              if p.is_file() and p.name != ".lock"}
     source = stable / "checkpoints" / "step_000010"
     same = tmp_path / "same"  # branched with the same schedule: exactly the original's steps 11-20
     main(["train", "--run-dir", str(same), "--branch-from", str(source), "--no-progress"])
@@ -465,9 +479,15 @@ def test_branch_from_continues_a_checkpoint_into_a_new_run_with_a_new_schedule(t
     assert lrs == pytest.approx({s: lr_at(s - 1, decayed, 14) for s in range(11, 15)})
     assert lrs[14] == pytest.approx(cfg.optim.min_lr)
     assert step_losses(decay)[11] == step_losses(stable)[11]  # the same weights and batch, before the update
-    after = {p: p.read_bytes() for p in stable.rglob("*") if p.is_file() and p.name != ".lock"}
-    assert after == before  # the original run is untouched
+    after = {p: p.read_bytes() for d in (stable, tmp_path / "mir") for p in d.rglob("*")
+             if p.is_file() and p.name != ".lock"}
+    assert after == before  # the original run and its mirror are untouched (the branch does not inherit it)
+    assert (decay / "latest").is_file()  # the refused --overwrite below deletes nothing
     assert_cli_errors({
+        "already at step 10 >= train.max_steps=8": ["train", "--run-dir", str(decay), "--branch-from", str(source),
+                                                    "--overwrite", "--set", "train.max_steps=8"],
+        "is the branched run's mirror": ["train", "--run-dir", str(tmp_path / "m"), "--branch-from", str(source),
+                                         "--set", f"train.checkpoint_mirror={json.dumps(str(tmp_path / 'mir'))}"],
         "pass one of them": ["train", "--run-dir", str(decay), "--resume", "--branch-from", str(source)],
         "is inside --run-dir": ["train", "--run-dir", str(stable), "--branch-from", str(source), "--overwrite"],
         "already holds a run": ["train", "--run-dir", str(decay), "--branch-from", str(source)],
@@ -500,3 +520,7 @@ def test_a_branch_with_a_new_mixture_carries_the_unchanged_sources_over():
     assert resumed.next_samples(5) == new.next_samples(5)
     with pytest.raises(DataError, match="the training data changed"):
         new.load_state_dict(old.state_dict())
+    reweighted = MixtureSampler([("en", Rows(100)), ("zh", Rows(50))], [0.5, 0.5], seed=1, fingerprints=["a", "b"])
+    assert reweighted.load_state_dict(new.state_dict(), carry_over=True) == ["en", "zh"]  # same sources, new weights
+    sources = [source for source, _, _ in reweighted.next_samples(10)]
+    assert sources.count(0) == 5  # 50/50 from the branch on, not a catch-up run of one source

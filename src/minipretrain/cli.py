@@ -43,6 +43,8 @@ def cmd_train(args) -> None:
         if not config_path.is_file():
             raise ConfigError(f"--resume: {config_path} not found; pass --config with the run's config")
     cfg = load_config(config_path, args.set)
+    if args.branch_from and args.config is None and not any(s.startswith("train.checkpoint_mirror") for s in args.set):
+        cfg.train.checkpoint_mirror = None  # the branched run's mirror is its own: a branch names one or has none
     train(cfg, args.run_dir, resume=args.resume, overwrite=args.overwrite, show_progress=not args.no_progress,
           branch_from=args.branch_from)
 

@@ -398,6 +398,8 @@ def validate(cfg: Config) -> None:
     _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", f"must be in (0, 1], got {o.decay_fraction}")
     _require(o.decay_steps is None or o.decay_steps >= 1, "optim.decay_steps",
              f"must be at least 1 (or unset: optim.decay_fraction), got {o.decay_steps}")
+    _require(o.decay_steps is None or o.schedule == "wsd", "optim.decay_steps",
+             f"sets the decay of optim.schedule=wsd, not {o.schedule}")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables clipping), got {o.grad_clip}")
     for key in ("beta1", "beta2"):

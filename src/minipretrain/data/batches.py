@@ -191,16 +191,17 @@ class MixtureSampler:
         return {name: n * rows.seq_len for name, n, rows in zip(self.names, self.drawn, self.rows, strict=True)}
 
     def state_dict(self) -> dict:
-        return {"drawn": list(self.drawn), "base": list(self.base), "seed": self.seed, "names": list(self.names),
+        return {"drawn": list(self.drawn), "base": list(self.base), "weights": self.weights.tolist(),
+                "seed": self.seed, "names": list(self.names),
                 "num_rows": [len(r) for r in self.rows], "fingerprints": list(self.fingerprints)}
 
     def load_state_dict(self, state: dict, carry_over: bool = False) -> list[str] | None:
-        """Continue from a saved position. carry_over (a branched run, whose mixture may differ): the sources
-        that are unchanged (same name, tokens, rows and seed) continue where they were, new ones start at their
-        beginning, and the weights apply from here on; returns the names carried over."""
+        """Continue from a saved position. carry_over (a branched run, whose sources or weights may differ): the
+        sources that are unchanged (same name, tokens, rows and seed) continue where they were, new ones start at
+        their beginning, and the weights apply from here on; returns the names carried over (None: same data)."""
         now = self.state_dict()
         changed = [k for k in ("names", "num_rows", "seed", "fingerprints") if state.get(k) != now[k]]
-        if changed and carry_over:
+        if carry_over and (changed or not np.allclose(state.get("weights", now["weights"]), now["weights"])):
             saved = {(name, rows, fp): drawn for name, rows, fp, drawn in
                      zip(state["names"], state["num_rows"], state["fingerprints"], state["drawn"], strict=True)}
             keys = zip(now["names"], now["num_rows"], now["fingerprints"], strict=True)

@@ -11,6 +11,7 @@ logs and writes files, every rank takes part in the collective steps (validation
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import sys
@@ -100,13 +101,16 @@ def _prepare_run_dir(run_dir: Path, resume: bool | str, overwrite: bool, mirror:
             log(f"{e}\nresuming from the mirror's copy instead: {ckpt}")
             return ckpt
     existing = [name for name in (ckpt_io.LATEST, ckpt_io.CHECKPOINTS_DIR) if (run_dir / name).exists()]
-    if existing:
-        if not overwrite:
-            raise UserError(f"{run_dir} already holds a run ({', '.join(existing)}): pass --resume to continue it, "
-                            "--overwrite to start over, or choose another --run-dir")
-        for name in RUN_FILES:
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    mirrored = mirror is not None and (Path(mirror) / ckpt_io.LATEST).exists()  # a mirror another run fills
+    if (existing or mirrored) and not overwrite:
+        holder = f"{run_dir} already holds a run ({', '.join(existing)})" if existing else \
+            f"train.checkpoint_mirror={mirror} already holds a run's checkpoints"
+        raise UserError(f"{holder}: pass --resume to continue it, --overwrite to start over, or choose another "
+                        f"{'--run-dir' if existing else 'mirror'}")
+    targets = [run_dir / name for name in RUN_FILES] if existing else []
+    targets += [Path(mirror) / ckpt_io.LATEST, Path(mirror) / ckpt_io.CHECKPOINTS_DIR] if mirrored else []
+    for target in targets:
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     return None
 
 
@@ -115,6 +119,20 @@ def _check_same_model(saved: ModelConfig, current: ModelConfig, ckpt: Path, acti
              for k, v in asdict(saved).items() if getattr(current, k) != v]
     if diffs:
         raise CheckpointError(f"cannot {action} {ckpt} with a different model: {'; '.join(diffs)}")
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _check_resumable(ckpt: Path, cfg: Config) -> dict:
+    """The checkpoint's training state, if this config can continue it (same model, steps left)."""
+    _check_same_model(ckpt_io.read_checkpoint_config(ckpt).model, cfg.model, ckpt)
+    state = ckpt_io.load_train_state(ckpt)
+    if state["step"] >= cfg.train.max_steps:  # before the trackers continue their runs, and before the data work
+        raise UserError(f"{ckpt} is already at step {state['step']} >= train.max_steps={cfg.train.max_steps}: "
+                        f"raise it (--set train.max_steps=N) to train further")
+    return state
 
 
 def _init_checkpoint(cfg: Config, resume) -> Path | None:
@@ -248,19 +266,21 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
         if run_dir.resolve() in branch_ckpt.resolve().parents:
             raise UserError(f"--branch-from {branch_from} is inside --run-dir {run_dir}: a branch starts a new run "
                             "directory and leaves the original untouched")
-    if main and (not resume or run_dir.is_dir()):  # rank 0 holds it; a --resume of nothing is refused below
+        source_mirror = ckpt_io.read_checkpoint_config(branch_ckpt).train.checkpoint_mirror
+        if source_mirror and t.checkpoint_mirror and _same_path(t.checkpoint_mirror, source_mirror):
+            raise UserError(f"train.checkpoint_mirror={t.checkpoint_mirror} is the branched run's mirror: give the "
+                            "branch a mirror of its own (--set train.checkpoint_mirror=DIR)")
+        state = _check_resumable(branch_ckpt, cfg)  # before --overwrite deletes anything
+    locked = main and (not resume or run_dir.is_dir())  # rank 0 holds it; a --resume of nothing is refused below
+    if locked:
         held.enter_context(DirectoryLock(run_dir))  # before anything in the run directory is read or deleted
     ckpt = world.broadcast(_prepare_run_dir(run_dir, resume, overwrite, t.checkpoint_mirror) if main else None)
     ckpt = ckpt or branch_ckpt
-    state = None
-    if ckpt is not None:
-        _check_same_model(ckpt_io.read_checkpoint_config(ckpt).model, cfg.model, ckpt)
-        state = ckpt_io.load_train_state(ckpt)
-        if state["step"] >= t.max_steps:  # before the trackers continue their runs, and before the data work
-            raise UserError(f"{ckpt} is already at step {state['step']} >= train.max_steps={t.max_steps}: "
-                            f"raise it (--set train.max_steps=N) to train further")
+    state = _check_resumable(ckpt, cfg) if ckpt is not None else None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not locked:  # resumed from the mirror into a run directory that was missing: lock it now
+            held.enter_context(DirectoryLock(run_dir))
         # Before the data work, so that a tracker that cannot start (no login, no network) fails fast.
         trackers.start(cfg, run_dir, state["step"] if state else 0)
     configure_device(device, t.deterministic)
@@ -457,7 +477,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
                 handle_bad_step(reason or "a bad step on another rank", step_loss, grad_norm,
                                 spans(drawn_before, batches.drawn))
             else:
-                guard.accept(step_loss, grad_norm)
+                if math.isfinite(grad_norm):  # an fp16 overflow (the scaler skipped it) says nothing of the level
+                    guard.accept(step_loss, grad_norm)
                 losses.append(step_loss)
 
             if not bad and (step % t.log_every == 0 or step == t.max_steps):
