@@ -298,12 +298,12 @@ def test_gradient_sync_and_clipping_in_one_process():
         pa.grad = torch.randn(5, 3)
         pb.grad = pa.grad.clone()
         pb.data = pa.data.clone()
-    ours = clip_grad_norm(a, 0.5)
+    ours = float(clip_grad_norm(a, 0.5))
     reference = torch.nn.utils.clip_grad_norm_(b, 0.5).item()
     assert ours == pytest.approx(reference, rel=1e-6)
     for pa, pb in zip(a, b, strict=True):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-7)
-    assert clip_grad_norm(a, 0.0) == pytest.approx(0.5, rel=1e-5)  # 0: measure only, no clipping
+    assert float(clip_grad_norm(a, 0.0)) == pytest.approx(0.5, rel=1e-5)  # 0: measure only, no clipping
 
 
 def test_parallel_config_errors(monkeypatch):

@@ -81,8 +81,8 @@ def test_balancing_loss_is_at_its_minimum_for_a_uniform_router():
 
 
 def test_expert_balance_metric():
-    assert expert_balance(torch.tensor([[5, 5, 5, 5]])) == pytest.approx(1.0)
-    assert expert_balance(torch.tensor([[20, 0, 0, 0], [10, 10, 0, 0]])) == pytest.approx((4.0 + 2.0) / 2)
+    assert float(expert_balance(torch.tensor([[5, 5, 5, 5]]))) == pytest.approx(1.0)
+    assert float(expert_balance(torch.tensor([[20, 0, 0, 0], [10, 10, 0, 0]]))) == pytest.approx((4.0 + 2.0) / 2)
 
 
 def test_bias_update_moves_load_toward_balance_on_a_skewed_router():
@@ -96,7 +96,7 @@ def test_bias_update_moves_load_toward_balance_on_a_skewed_router():
     for _ in range(60):
         with torch.no_grad():
             out = layer(x)
-        balances.append(end_of_step(model, World(), 0.01))
+        balances.append(float(end_of_step(model, World(), 0.01)))
     assert balances[0] > 1.4  # skewed at the start
     assert max(balances[-10:]) < 1.1  # the bias has evened it out
     assert layer.expert_bias[0] < 0 < layer.expert_bias[1:].min()  # the busy expert pushed down, idle ones up
@@ -118,7 +118,7 @@ def test_gradient_accumulation_with_the_balancing_loss_equals_one_big_batch():
     for micro in ([Batch(x, x)], [Batch(x[:2], x[:2]), Batch(x[2:], x[2:])]):
         model.zero_grad()
         loss, aux = accumulate_gradients(model, micro, autocast, scaler)
-        grads.append((loss, aux, [p.grad.clone() for p in model.parameters()]))
+        grads.append((float(loss), float(aux), [p.grad.clone() for p in model.parameters()]))
     assert grads[0][1] > 0.5  # coef 0.5 times a loss >= ~1 per layer
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6) and grads[0][1] == pytest.approx(grads[1][1], abs=1e-6)
     for a, b in zip(grads[0][2], grads[1][2], strict=True):

@@ -27,53 +27,109 @@ from minipretrain.train.stability import MIN_HISTORY, SpikeGuard
 
 def _warm(guard: SpikeGuard, n: int = 20, loss: float = 3.0, grad_norm: float = 1.0) -> None:
     for i in range(n):
-        guard.accept(loss + 0.01 * (i % 3), grad_norm)
+        guard.update(guard.check(0, loss + 0.01 * (i % 3), grad_norm))  # step 0: before min_step, always good
+
+
+def _reason(guard: SpikeGuard, step: int, loss: float, grad_norm: float, **kwargs) -> str | None:
+    return guard.reason(guard.check(step, loss, grad_norm, **kwargs).tolist())
 
 
 def test_detector_flags_non_finite_values_from_the_first_step():
     guard = SpikeGuard(GuardConfig(), warmup_steps=100)
-    assert "nan" in guard.check(1, math.nan, 1.0)
-    assert "inf" in guard.check(1, 2.0, math.inf)
-    assert guard.check(1, 2.0, math.inf, check_grad_finite=False) is None  # the fp16 scaler's business
-    assert guard.check(1, 50.0, 1e6) is None  # statistics wait for warmup and history
+    assert "nan" in _reason(guard, 1, math.nan, 1.0)
+    assert "inf" in _reason(guard, 1, 2.0, math.inf)
+    assert _reason(guard, 1, 2.0, math.inf, check_grad_finite=False) is None  # the fp16 scaler's business
+    assert _reason(guard, 1, 50.0, 1e6) is None  # statistics wait for warmup and history
 
 
 def test_detector_statistics():
     guard = SpikeGuard(GuardConfig(loss_factor=3.0, loss_z=6.0, grad_norm_factor=10.0), warmup_steps=0)
     _warm(guard, MIN_HISTORY - 1)
-    assert guard.check(50, 100.0, 1.0) is None  # not enough history yet
+    assert _reason(guard, 50, 100.0, 1.0) is None  # not enough history yet
     _warm(guard, 1)
-    assert guard.check(50, 3.02, 1.0) is None
-    assert "running mean" in guard.check(50, 9.5, 1.0)
-    assert "standard deviations" in guard.check(50, 3.3, 1.0)  # z-score catches what the factor does not
-    assert "running median" in guard.check(50, 3.0, 10.5)
-    assert guard.check(50, 3.0, 9.5) is None
+    assert _reason(guard, 50, 3.02, 1.0) is None
+    assert "running mean" in _reason(guard, 50, 9.5, 1.0)
+    assert "standard deviations" in _reason(guard, 50, 3.3, 1.0)  # z-score catches what the factor does not
+    assert "running median" in _reason(guard, 50, 3.0, 10.5)
+    assert _reason(guard, 50, 3.0, 9.5) is None
     off = SpikeGuard(GuardConfig(loss_factor=0, loss_z=0, grad_norm_factor=0), warmup_steps=0)
     _warm(off)
-    assert off.check(50, 1e3, 1e3) is None
+    assert _reason(off, 50, 1e3, 1e3) is None
+
+
+def test_detector_statistics_equal_the_host_formulas_over_a_full_window():
+    """The device rings give the mean, population deviation and median (midpoint of the two middle values) of the
+    last guard.window good steps, as the statistics module does."""
+    import statistics
+
+    guard = SpikeGuard(GuardConfig(window=8), warmup_steps=0)
+    losses, norms = [3.0 + 0.1 * i for i in range(13)], [1.0 + 0.05 * (i % 5) for i in range(13)]
+    for loss, norm in zip(losses, norms, strict=True):
+        guard.update(guard.check(0, loss, norm))
+        guard.update(guard.check(0, math.nan, 1.0))  # a bad step: not in the statistics
+    verdict = guard.check(1, 3.0, 1.0).tolist()
+    assert verdict[1:3] == [3.0, 1.0]
+    assert verdict[3] == pytest.approx(statistics.fmean(losses[-8:]), rel=1e-12)
+    assert verdict[4] == pytest.approx(statistics.pstdev(losses[-8:]), rel=1e-12)
+    assert verdict[5] == pytest.approx(statistics.median(norms[-8:]), rel=1e-12)
+
+
+def test_spikes_in_a_row_are_a_new_level_under_skip():
+    guard = SpikeGuard(GuardConfig(max_spikes=3), warmup_steps=0)
+    _warm(guard)
+    rebaselined = []
+    for _ in range(3):
+        verdict = guard.check(50, 3.0, 100.0)  # 100x the median gradient norm
+        guard.update(verdict)
+        rebaselined.append(verdict.tolist()[6])
+    assert rebaselined == [0.0, 0.0, 1.0]
+    assert _reason(guard, 50, 3.0, 100.0) is None  # the statistics start again: nothing to compare with yet
+    rolling = SpikeGuard(GuardConfig(action="rollback", max_spikes=3), warmup_steps=0)
+    _warm(rolling)
+    for _ in range(4):  # under rollback, spikes in a row are for the rollback: the statistics stay
+        verdict = rolling.check(50, 3.0, 100.0)
+        rolling.update(verdict)
+    assert verdict.tolist()[6] == 0.0 and _reason(rolling, 50, 3.0, 100.0) is not None
 
 
 def test_min_step_defaults_to_warmup():
     guard = SpikeGuard(GuardConfig(), warmup_steps=30)
     _warm(guard)
-    assert guard.check(30, 100.0, 1.0) is None
-    assert guard.check(31, 100.0, 1.0) is not None
+    assert _reason(guard, 30, 100.0, 1.0) is None
+    assert _reason(guard, 31, 100.0, 1.0) is not None
     assert SpikeGuard(GuardConfig(min_step=5), warmup_steps=30).min_step == 5
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k] for k, v in a.items())
 
 
 def test_rollback_counts_spikes_within_the_window_and_state_round_trips():
     guard = SpikeGuard(GuardConfig(action="rollback", max_spikes=2, window=10, lr_factor=0.5, lr_steps=4), 0)
+    _warm(guard, 12)
     assert guard.record_spike(5, 9.0, {"a": [0, 4]}) == "spike_skipped"
     assert guard.record_spike(16, math.nan, {}) == "nan"  # step 5 fell out of the window
     assert not guard.wants_rollback()
     assert guard.record_spike(17, 9.0, {}) == "spike_skipped" and guard.wants_rollback()
-    assert not guard.level_shifted()  # under rollback, spikes in a row are for the rollback
     assert guard.rolled_back(17) and guard.spike_steps == []
     assert guard.lr_scale(21) == 0.5 and guard.lr_scale(22) == 1.0
     copy = SpikeGuard(guard.cfg, 0)
     copy.load_state_dict(guard.state_dict())
-    assert copy.state_dict() == guard.state_dict()
+    assert _same_state(copy.state_dict(), guard.state_dict())
     assert guard.summary() == {"spike_skipped": 2, "nan": 1, "rollback": 1, "rebaseline": 0}
+
+
+def test_guard_state_of_earlier_checkpoints_loads():
+    """Checkpoints written before the guard moved to the device hold its history as lists, oldest first."""
+    old = {"losses": [3.0, 3.1, 3.2], "grad_norms": [1.0, 2.0, 3.0], "spike_steps": [4], "skipped": [],
+           "counts": {"spike_skipped": 1, "nan": 0, "rollback": 0, "rebaseline": 0}, "lr_scaled_until": 0,
+           "consecutive": 1}
+    guard = SpikeGuard(GuardConfig(window=5), 0)
+    guard.load_state_dict(old)
+    verdict = guard.check(1, 3.0, 1.0).tolist()
+    assert verdict[3] == pytest.approx(3.1) and verdict[5] == 2.0 and int(guard.consecutive) == 1
+    assert guard.spike_steps == [4] and guard.counts["spike_skipped"] == 1
 
 
 @pytest.mark.parametrize("bad", ["guard.action=retry", "guard.loss_factor=0.5", "guard.window=0",
@@ -121,7 +177,7 @@ class Faults:
             if kind in ("nan", "explode", "shift"):
                 for p in model.parameters():
                     p.grad.mul_({"nan": math.nan, "explode": 1e4, "shift": 30.0}[kind])
-                loss = math.nan if kind == "nan" else loss
+                loss = torch.full_like(loss, math.nan) if kind == "nan" else loss
             return loss, aux
 
         monkeypatch.setattr(loop, "lr_at", lr_at)
@@ -141,8 +197,9 @@ def _events(run) -> list[dict]:
 def test_a_bad_step_is_skipped_and_leaves_weights_and_adam_untouched(tmp_path, shakespeare, tokenizer_dir,
                                                                    monkeypatch, kind):
     faults = Faults(monkeypatch, {20: kind})
-    steps_taken = []
-    handle = register_optimizer_step_post_hook(lambda opt, *a: steps_taken.append(1))
+    adam_steps = []  # Adam's step count after each optimizer.step() call (the fused kernel skips a bad one itself)
+    handle = register_optimizer_step_post_hook(
+        lambda opt, *a: adam_steps.append(int(next(iter(opt.state.values()))["step"])))
     try:
         summary = loop.train(_cfg(shakespeare, tokenizer_dir, "guard.loss_factor=1.2"), tmp_path / "run",
                              show_progress=False)
@@ -150,7 +207,8 @@ def test_a_bad_step_is_skipped_and_leaves_weights_and_adam_untouched(tmp_path, s
         handle.remove()
     before, after = faults.weights_at_start[20], faults.weights_at_start[21]
     assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise: nothing of step 20 got in
-    assert len(steps_taken) == 29  # Adam never stepped on it (its moments and step count untouched)
+    assert adam_steps[18:21] == [19, 19, 20]  # Adam never stepped on it (its moments and step count untouched)
+    assert adam_steps[-1] == 29
     [event] = _events(tmp_path / "run")
     assert event["step"] == 20 and event["event"] == ("nan" if kind == "nan" else "spike_skipped")
     assert event["draws"] == {"shakespeare": [19 * 4, 20 * 4]}  # the batch's samples: draws 76..79
@@ -379,10 +437,11 @@ import os, sys
 from minipretrain.train import stability
 real_check = stability.SpikeGuard.check
 
-def check(self, step, *args, **kwargs):  # rank 1 alone (or the single process) sees step 4 as bad
+def check(self, step, *args, **kwargs):  # rank 1 alone (or the single process) sees step 4 as a spike
+    verdict = real_check(self, step, *args, **kwargs)
     if step == 4 and os.environ.get("RANK", "1") == "1":
-        return "injected on one rank"
-    return real_check(self, step, *args, **kwargs)
+        verdict[stability.CODE] = stability.LOSS_FACTOR
+    return verdict
 
 stability.SpikeGuard.check = check
 from minipretrain.cli import main

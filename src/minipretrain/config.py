@@ -146,7 +146,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on GPUs and on CPUs with native bf16) | float32 | bfloat16 | float16 (CUDA)
     # deterministic kernels only (torch.use_deterministic_algorithms): bitwise resume on GPUs
     deterministic: bool = False
-    compile: bool = False
+    compile: bool | None = None  # torch.compile each block; None: on CUDA, not elsewhere
     # Recompute transformer blocks in backward instead of keeping their activations (parallel.py): none | full
     # (every block) | selective (every second block); less memory for about one more forward of those blocks.
     activation_checkpointing: str = "none"
@@ -195,6 +195,10 @@ class ParallelConfig:
     """How the processes started by torchrun share the work; a single process ignores it."""
     mode: str = "ddp"  # ddp: replicate the model, all-reduce gradients | fsdp: shard parameters, gradients, optimizer
     tensor_parallel: int = 1  # ranks splitting each layer's heads and SwiGLU width; the rest are data parallel
+    pipeline_parallel: int = 1  # ranks holding successive stages of the blocks (parallel/pipeline.py)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b
+    pp_stages_per_rank: int | None = None  # stages each rank holds: 1; interleaved_1f1b: 2 unless set
+    pp_microbatches: int | None = None  # micro-batches in flight per step; None: train.grad_accum
     reshard_after_forward: bool = True  # fsdp: free gathered parameters after forward (ZeRO-3); false: ZeRO-2-like
     cpu_offload: bool = False  # fsdp on CUDA: keep sharded parameters, gradients and optimizer state in CPU memory
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
@@ -442,9 +446,56 @@ def validate(cfg: Config) -> None:
     _require(not p.cpu_offload or p.mode == "fsdp", "parallel.cpu_offload",
              "offloads FSDP shards: it needs parallel.mode=fsdp")
     _require(p.tensor_parallel >= 1, "parallel.tensor_parallel", f"must be >= 1, got {p.tensor_parallel}")
+    _require(p.pipeline_parallel >= 1, "parallel.pipeline_parallel", f"must be >= 1, got {p.pipeline_parallel}")
+    if p.pipeline_parallel > 1:
+        validate_pipeline(cfg)
     for key, value in (("model.num_key_value_heads", m.num_key_value_heads),
                        ("model.intermediate_size", m.intermediate_size),
                        ("model.moe_intermediate_size", m.moe_intermediate_size if m.moe else 0)):
         _require(value % p.tensor_parallel == 0, key,
                  f"{value} is not divisible by parallel.tensor_parallel={p.tensor_parallel} "
                  "(each rank takes an equal slice)")
+
+
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")  # parallel.pp_schedule; parallel/pipeline.py runs them
+
+
+def pipeline_shape(p: ParallelConfig, grad_accum: int) -> tuple[int, int]:
+    """(stages per rank, micro-batches per step) of a pipeline-parallel run, with their defaults filled in."""
+    per_rank = p.pp_stages_per_rank or (2 if p.pp_schedule == "interleaved_1f1b" else 1)
+    return per_rank, p.pp_microbatches or grad_accum
+
+
+def validate_pipeline(cfg: Config) -> None:
+    """What the torch.distributed.pipelining schedules need, checked before any work."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    _require(p.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
+             f"unknown schedule {p.pp_schedule!r} ({', '.join(PP_SCHEDULES)})")
+    per_rank, micro = pipeline_shape(p, t.grad_accum)
+    _require(per_rank >= 1, "parallel.pp_stages_per_rank", f"must be >= 1, got {per_rank}")
+    if p.pp_schedule == "interleaved_1f1b":
+        _require(per_rank >= 2, "parallel.pp_stages_per_rank",
+                 "interleaved_1f1b needs at least 2 stages per rank (with 1, use pp_schedule=1f1b)")
+    else:
+        _require(per_rank == 1, "parallel.pp_stages_per_rank",
+                 f"{p.pp_schedule} runs one stage per rank (several: pp_schedule=interleaved_1f1b)")
+    stages = p.pipeline_parallel * per_rank
+    _require(m.num_hidden_layers >= stages, "parallel.pipeline_parallel",
+             f"{stages} stages ({p.pipeline_parallel} ranks x {per_rank}) need at least as many layers, the model "
+             f"has model.num_hidden_layers={m.num_hidden_layers}")
+    _require(micro >= 1, "parallel.pp_microbatches", f"must be >= 1, got {micro}")
+    rows = t.batch_size * t.grad_accum
+    _require(rows % micro == 0, "parallel.pp_microbatches",
+             f"{micro} micro-batches do not divide the {rows} rows of a step (train.batch_size x train.grad_accum)")
+    if p.pp_schedule == "1f1b":
+        _require(micro >= p.pipeline_parallel, "parallel.pp_microbatches",
+                 f"1f1b needs at least one micro-batch per stage: {micro} < {p.pipeline_parallel} (raise "
+                 "train.grad_accum or parallel.pp_microbatches)")
+    if p.pp_schedule == "interleaved_1f1b":
+        rounds = max(1, micro // p.pipeline_parallel)
+        _require(micro % rounds == 0, "parallel.pp_microbatches",
+                 f"interleaved_1f1b needs a multiple of {rounds} micro-batches, got {micro}")
+    _require(not m.moe, "model.moe",
+             "a mixture of experts does not run under pipeline parallelism here (its balancing loss is summed over "
+             "all layers): use data or tensor parallelism")
+    _require(not p.cpu_offload, "parallel.cpu_offload", "does not combine with pipeline parallelism")

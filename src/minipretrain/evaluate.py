@@ -30,8 +30,9 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
 def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batches: int | None = None,
              device: str = "cpu", autocast=None, show_progress: bool = False, world: World = World()) -> dict:
     """Loss, perplexity, bits per byte and accuracy (the share of targets that are the model's top prediction)
-    over the first max_batches batches of `rows`. Under data parallelism a
-    batch is batch_size rows per rank, split between the ranks like a training batch, and the sums are global."""
+    over the first max_batches batches of `rows`. Under data parallelism a batch is batch_size rows per rank, split
+    between the ranks like a training batch, and the sums are global. `model` may be a pipeline (parallel/pipeline.py),
+    whose last stage alone returns logits."""
     was_training = model.training
     model.eval()
     token_bytes = token_bytes.to(device)
@@ -54,6 +55,8 @@ def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batche
         batch = rows.get(indices).to(device)
         with autocast or nullcontext():
             logits = model(batch.inputs, doc_ids=batch.doc_ids).logits
+        if logits is None:  # a pipeline stage before the last: it took part in the forward, the last one scores
+            continue
         targets = prediction_targets(batch.labels, causal).flatten()
         valid = (targets != -100) & counted
         scored = logits.flatten(0, 1)[valid].float()
@@ -65,8 +68,10 @@ def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batche
         targets_counted += int(valid.sum())
         bytes_counted += int(nbytes.sum())
     model.train(was_training)
-    nats, nats_with_bytes, targets_counted, bytes_counted, correct = world.sum_over_dp(
-        [nats.item(), nats_with_bytes.item(), targets_counted, bytes_counted, correct])
+    sums = torch.tensor([nats.item(), nats_with_bytes.item(), targets_counted, bytes_counted, correct],
+                        dtype=torch.float64, device=device)
+    nats, nats_with_bytes, targets_counted, bytes_counted, correct = world.sum_over_dp_(
+        world.from_last_stage_(sums)).tolist()
     return _result(nats, nats_with_bytes, int(targets_counted), int(bytes_counted), int(correct))
 
 

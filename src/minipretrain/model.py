@@ -102,6 +102,12 @@ def prediction_targets(labels: torch.Tensor, causal: bool = True) -> torch.Tenso
     return F.pad(labels[:, 1:], (0, 1), value=-100) if causal else labels
 
 
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """The summed cross-entropy (in float32) of the positions that have a label (see prediction_targets)."""
+    targets = prediction_targets(labels, causal)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+
+
 def attention_backend(device: torch.device | str, head_dim: int) -> str:
     """How document-masked attention runs: "flex" (FlexAttention, skips fully masked blocks) on CUDA when it
     imports and the heads are at least 16 wide (its GPU kernels' minimum), else "sdpa" with a dense boolean mask.
@@ -270,6 +276,15 @@ class MiniMind(nn.Module):
             return build(document_mask_mod(run, self.causal), batch, None, seq, seq, device=run.device)
         return dense_document_mask(run, self.causal)
 
+    def attention_inputs(self, seq: int, start: int = 0, doc_ids=None):
+        """What every block's attention needs besides x: the RoPE cos and sin of each position (from `start`, or
+        restarting at each document start) and the document mask (None without doc_ids), built once per forward."""
+        if doc_ids is None:
+            return self.rope_cos[start : start + seq], self.rope_sin[start : start + seq], None
+        run, positions = document_runs(doc_ids)
+        return (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1),
+                self._document_mask(run))
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
 
@@ -295,12 +310,7 @@ class MiniMind(nn.Module):
                 f"sequence of {start + seq} tokens exceeds "
                 f"max_position_embeddings={self.config.max_position_embeddings}"
             )
-        cos, sin = self.rope_cos[start : start + seq], self.rope_sin[start : start + seq]
-        doc_mask = None
-        if doc_ids is not None:
-            run, positions = document_runs(doc_ids)
-            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
-            doc_mask = self._document_mask(run)  # built once, shared by every layer
+        cos, sin, doc_mask = self.attention_inputs(seq, start, doc_ids)
         x = self.dropout(self.embed_tokens(input_ids))
         for block in self.layers:
             x = block(x, cos, sin, cache, doc_mask)
@@ -311,6 +321,6 @@ class MiniMind(nn.Module):
         loss = None
         if labels is not None:
             targets = prediction_targets(labels, self.causal)
-            total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-            loss = total / (targets != -100).sum().clamp(min=1)  # a row of only padding gives 0, not nan
+            # a row of only padding gives 0, not nan
+            loss = cross_entropy_sum(logits, labels, self.causal) / (targets != -100).sum().clamp(min=1)
         return LMOutput(logits, loss, aux_loss)

@@ -98,30 +98,33 @@ def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
 
 
-def expert_balance(routed: torch.Tensor) -> float:
+def expert_balance(routed: torch.Tensor) -> torch.Tensor:
     """routed (layers, experts) slot counts -> the busiest expert's share divided by the uniform share, averaged
-    over layers: 1.0 is perfect balance, num_experts means one expert takes every token."""
+    over layers (a 0-d tensor on routed's device): 1.0 is perfect balance, num_experts means one expert takes every
+    token."""
     routed = routed.double()
     uniform = routed.sum(dim=1) / routed.size(1)
-    return float((routed.max(dim=1).values / uniform.clamp(min=1e-12)).mean())
+    return (routed.max(dim=1).values / uniform.clamp(min=1e-12)).mean()
 
 
 @torch.no_grad()
-def end_of_step(model: nn.Module, world, bias_update_rate: float) -> float | None:
-    """After each optimizer step: the step's expert balance over every data-parallel rank, and (rate > 0) the
-    auxiliary-loss-free bias update: each expert's bias moves by `rate` toward equal load (up when it got fewer
-    slots than the mean, down when more). Every rank sees the same global counts, so biases stay identical.
-    Returns None for a dense model."""
+def end_of_step(model: nn.Module, world, bias_update_rate: float, applied: torch.Tensor | None = None):
+    """After each optimizer step: the step's expert balance over every data-parallel rank (a device tensor: nothing
+    is read back to the host), and (rate > 0) the auxiliary-loss-free bias update: each expert's bias moves by
+    `rate` toward equal load (up when it got fewer slots than the mean, down when more). Every rank sees the same
+    global counts, so biases stay identical. applied: 0 when the spike guard dropped the step's update (the
+    biases then stay too), 1 or None otherwise. Returns None for a dense model."""
     layers = [m for m in moe_layers(model) if m.routed_tokens is not None]
     if not layers:
         return None
-    routed = torch.stack([m.routed_tokens for m in layers])
+    routed = torch.stack([m.routed_tokens for m in layers]).double()
     for m in layers:
         m.routed_tokens = None
-    routed = torch.tensor(world.sum_over_dp(routed.flatten().tolist()), dtype=torch.float64).view(routed.shape)
+    world.sum_over_dp_(routed)
     if bias_update_rate > 0:
+        rate = bias_update_rate if applied is None else bias_update_rate * applied.to(routed.dtype)
         for m, load in zip(layers, routed, strict=True):
-            step = torch.sign(load.mean() - load) * bias_update_rate
+            step = torch.sign(load.mean() - load) * rate
             m.expert_bias += step.to(m.expert_bias.device, m.expert_bias.dtype)
     return expert_balance(routed)
 

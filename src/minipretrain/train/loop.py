@@ -19,6 +19,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,17 +28,18 @@ from tqdm import tqdm
 from minipretrain import moe
 from minipretrain.config import Config, ModelConfig
 from minipretrain.data.dataset import RUN_DATA_DIR, check_objective_tokenizer, load_run_data
+from minipretrain.data.prefetch import StepData, StepLoader
 from minipretrain.errors import CheckpointError, Preempted, UserError
 from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.fileio import DirectoryLock
 from minipretrain.generate import complete
-from minipretrain.model import MiniMind, prediction_targets
+from minipretrain.model import MiniMind
 from minipretrain.parallel import (
+    Pipeline,
     World,
     apply_activation_checkpointing,
     check_parallel_precision,
-    clip_grad_norm,
-    gradient_sync,
+    compile_blocks,
     init_distributed,
     parallelize,
 )
@@ -55,7 +57,13 @@ from minipretrain.train.metrics import MetricsLog
 from minipretrain.train.optim import build_optimizer
 from minipretrain.train.preemption import SaveTimer, StopSignals
 from minipretrain.train.schedule import lr_at
-from minipretrain.train.stability import Snapshot, SpikeGuard
+from minipretrain.train.stability import CODE, REBASELINED, Snapshot, SpikeGuard
+from minipretrain.train.step import (  # noqa: F401 (apply_gradients: for benchmarks and tests)
+    accumulate_gradients,
+    apply_gradients,
+    finish_step,
+    unscale_and_clip,
+)
 from minipretrain.train.trackers import TRACKER_DIRS, TRACKERS_FILE, Trackers, check_loggers
 
 RUN_FILES = ("metrics.jsonl", "samples.txt", "summary.json", "config.toml", "tokenizer", RUN_DATA_DIR,
@@ -158,54 +166,6 @@ def _rewind_samples(path: Path, step: int) -> None:
     path.write_text("".join("--- step " + b for b in kept), encoding="utf-8")
 
 
-def accumulate_gradients(step_model, micro_batches, autocast, scaler, world: World | None = None,
-                         causal: bool = True) -> tuple[float, float]:
-    """Forward and backward over this rank's micro-batches of a step; returns the step's mean loss over all ranks
-    and its MoE balancing loss (0 for a dense model).
-
-    Each micro-batch is weighted by its share of the global step's predicted tokens (the balancing loss, a mean
-    over sequences, by its share of rows), so accumulating over micro-steps and ranks equals one big batch even
-    when padding makes micro-batches unequal. `causal`: the model's attention, which decides what it predicts."""
-    world = World() if world is None else world
-    counts = [int((prediction_targets(batch.labels, causal) != -100).sum()) for batch in micro_batches]
-    total_count, total_rows = world.sum_over_dp([sum(counts), sum(len(batch.inputs) for batch in micro_batches)])
-    step_loss = step_aux = 0.0
-    for i, (batch, count) in enumerate(zip(micro_batches, counts, strict=True)):
-        batch = batch.to(world.device)
-        with gradient_sync(step_model, last_micro_step=i == len(micro_batches) - 1):
-            with autocast:
-                out = step_model(batch.inputs, labels=batch.labels, doc_ids=batch.doc_ids)
-                loss = out.loss * (count / max(total_count, 1))
-                aux = out.aux_loss * (len(batch.inputs) / total_rows) if out.aux_loss is not None else None
-            # DDP and FSDP average gradients over the data-parallel ranks: scaling by their number turns that
-            # average into the sum, i.e. the mean over every predicted token of the global batch.
-            scaler.scale((loss if aux is None else loss + aux) * world.dp_size).backward()
-        step_loss += loss.item()
-        step_aux += aux.item() if aux is not None else 0.0
-    return tuple(world.sum_over_dp([step_loss, step_aux]))
-
-
-def unscale_and_clip(model, optimizer, scaler, grad_clip: float) -> float:
-    """Unscale and clip (0 = no clipping) the gradients; returns their global norm before clipping."""
-    scaler.unscale_(optimizer)
-    return clip_grad_norm(model.parameters(), grad_clip)
-
-
-def finish_step(optimizer, scaler, apply: bool = True) -> None:
-    """Step (unless the spike guard dropped this update: then neither weights nor Adam moments see it), clear."""
-    if apply:
-        scaler.step(optimizer)
-    scaler.update()  # an fp16 scaler still learns from an overflow, whoever skipped the step
-    optimizer.zero_grad(set_to_none=True)
-
-
-def apply_gradients(model, optimizer, scaler, grad_clip: float) -> float:
-    """Unscale, clip, step, clear; returns the global gradient norm before clipping."""
-    grad_norm = unscale_and_clip(model, optimizer, scaler, grad_clip)
-    finish_step(optimizer, scaler)
-    return grad_norm
-
-
 def train(cfg: Config, run_dir: str | Path, resume: bool | str = False, overwrite: bool = False,
           show_progress: bool = True, branch_from: str | Path | None = None) -> dict:
     """branch_from: a checkpoint (or run) whose whole state (weights, optimizer, step, data position, RNG) a new
@@ -297,23 +257,24 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     if init_ckpt is not None:  # the full weights on every rank, before parallelize shards or splits them
         model.load_state_dict(ckpt_io.load_model_from_checkpoint(init_ckpt)[0].state_dict())
         say(f"initialized from {init_ckpt}: its weights, a fresh optimizer and schedule from step 0")
+    total, active = model.num_parameters(), model.num_active_parameters()
     apply_activation_checkpointing(model, t.activation_checkpointing)  # before parallelize wraps the blocks
-    step_model = parallelize(model, world, cfg.parallel, amp_dtype)
+    compile_model = t.compile if t.compile is not None else device.type == "cuda"
+    if compile_model:
+        compile_blocks(model)  # block by block, before wrapping: the same compiled code under every layout
+    # model: this rank's parameters (all of them, or its pipeline stages'); step_model runs the training forward.
+    model, step_model = parallelize(model, world, cfg.parallel, amp_dtype, t.grad_accum)
+    pipeline = step_model if isinstance(step_model, Pipeline) else None
     if world.dp_rank:  # data-parallel replicas draw different dropout masks; tensor-parallel peers the same ones
         seed_everything(t.seed + world.dp_rank)
-    layout = (f"; {world.size} processes, {cfg.parallel.mode if world.dp_size > 1 else 'no'} data parallel x "
-              f"{world.dp_size}, tensor parallel x {world.tp_size}" if world.size > 1
-              else "; FSDP2 offloading to the CPU in one process" if world.distributed else "")
-    total, active = model.num_parameters(), model.num_active_parameters()
-    size = f"{total / 1e6:.2f}M parameters" + (f" ({active / 1e6:.2f}M active per token)" if active < total else "")
-    say(f"model: {size} on {device.type} "
-        f"({precision.name}; {precision.reason}){layout}")
+    say(f"model: {_model_size(total, active)} on {device.type} ({precision.name}; {precision.reason})"
+        f"{_layout(world, cfg)}{'; blocks compiled with torch.compile' if compile_model else ''}")
     optimizer = build_optimizer(model, cfg.optim, device.type)
     autocast, scaler = mixed_precision(device, amp_dtype)
     token_bytes = token_byte_lengths(tokenizer, cfg.model.vocab_size)
 
     step, tokens, elapsed_before = 0, 0, 0.0
-    guard = SpikeGuard(cfg.guard, cfg.optim.warmup_steps)
+    guard = SpikeGuard(cfg.guard, cfg.optim.warmup_steps, device)
     if state is not None:
         ckpt_io.load_weights_and_optimizer(ckpt, model, optimizer, world)
         load_scaler_state(scaler, state["scaler"])
@@ -330,11 +291,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
             say(f"the checkpoint was saved by another number of processes than this run's {world.size}: random "
                 "number generators re-seeded (dropout masks differ from an uninterrupted run)")
         say(f"{'branched' if branch_ckpt else 'resumed'} from {ckpt} at step {step} ({tokens:,} tokens)")
-    step_model = torch.compile(step_model) if t.compile else step_model
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=step, trackers=trackers) if main else None
     if main:
         _rewind_samples(run_dir / "samples.txt", step)
 
+    # Batches one step ahead in a thread; the data position checkpoints record is the last trained step's.
+    loader = StepLoader(batches, t.batch_size, t.grad_accum, world.dp_rank, world.dp_size, model.causal,
+                        pin_memory=device.type == "cuda")
+    held.callback(loader.close)
+    data_state, drawn = batches.state_dict(), list(batches.drawn)
     snapshot = Snapshot() if cfg.guard.action == "rollback" else None  # what a rollback restores
     save_timer = SaveTimer(t.save_every_minutes)
     saver = ckpt_io.CheckpointSaver(run_dir, t.keep_checkpoints, world, t.async_save, t.checkpoint_mirror)
@@ -343,12 +308,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     def save():
         train_state = {
             "step": step, "tokens": tokens, "elapsed": elapsed(), "scaler": scaler.state_dict(),
-            "data": batches.state_dict(), "guard": guard.state_dict(),
+            "data": data_state, "guard": guard.state_dict(),
         }
         saved = saver.save(step, model, optimizer, cfg, tokenizer, train_state)
         save_timer.reset()
         if snapshot is not None:
-            snapshot.take(step, model, optimizer, scaler, batches.drawn)
+            snapshot.take(step, model, optimizer, scaler, drawn)
         if main:
             write_run_plot(run_dir)  # never fails training: a plotting error is a warning
         return saved
@@ -362,30 +327,30 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
         """The draws of each source between two data positions: which samples an event concerns."""
         return {name: [b, a] for name, b, a in zip(batches.names, before, after, strict=True) if a > b}
 
-    def handle_bad_step(reason: str, loss: float, grad_norm: float, draws: dict) -> None:
-        """The spike guard's action on a step whose update was not applied (see train/stability.py)."""
-        record = {"step": step, "loss": loss, "grad_norm": grad_norm, "reason": reason, "draws": draws}
+    def handle_bad_step(at: int, reason: str, loss: float, grad_norm: float, draws: dict, rebaselined: bool) -> None:
+        """The spike guard's action on step `at`, whose update was not applied (see train/stability.py)."""
+        record = {"step": at, "loss": loss, "grad_norm": grad_norm, "reason": reason, "draws": draws}
         if cfg.guard.action == "stop":
-            log_event({**record, "event": "stopped"}, f"step {step}: {reason}")
+            log_event({**record, "event": "stopped"}, f"step {at}: {reason}")
             last = (run_dir / ckpt_io.LATEST).read_text().strip() if (run_dir / ckpt_io.LATEST).is_file() else None
             then = f"continue from {run_dir / last} with --resume" if last else "start again"
-            raise UserError(f"step {step}: {reason}: training diverged (guard.action=stop); lower optim.lr or raise "
+            raise UserError(f"step {at}: {reason}: training diverged (guard.action=stop); lower optim.lr or raise "
                             f"optim.warmup_steps, then {then}")
-        event = guard.record_spike(step, loss, draws)
-        log_event({**record, "event": event}, f"step {step}: {reason}: update skipped")
-        if guard.level_shifted():
-            guard.rebaseline()
-            log_event({"step": step, "event": "rebaseline"},
-                      f"step {step}: {cfg.guard.max_spikes} spikes in a row: taken as a new level, not a spike; the "
+        event = guard.record_spike(at, loss, draws)
+        log_event({**record, "event": event}, f"step {at}: {reason}: update skipped")
+        if rebaselined:
+            guard.counts["rebaseline"] += 1
+            log_event({"step": at, "event": "rebaseline"},
+                      f"step {at}: {cfg.guard.max_spikes} spikes in a row: taken as a new level, not a spike; the "
                       f"guard's running statistics start again from here")
         if not guard.wants_rollback():
             return
         if not guard.rolled_back(step):
-            raise UserError(f"step {step}: {guard.counts['rollback']} rollbacks did not stop the loss spikes "
+            raise UserError(f"step {at}: {guard.counts['rollback']} rollbacks did not stop the loss spikes "
                             f"(guard.max_rollbacks={cfg.guard.max_rollbacks}): lower optim.lr or check the data, "
                             f"then continue from the last checkpoint with --resume")
         snapshot.restore(model, optimizer, scaler)
-        skipped = spans(snapshot.draws, batches.drawn)
+        skipped = spans(snapshot.draws, drawn)
         log_event({"step": step, "event": "rollback", "to_step": snapshot.step, "draws": skipped,
                    "lr_factor": cfg.guard.lr_factor, "lr_until": guard.lr_scaled_until},
                   f"step {step}: {cfg.guard.max_spikes} spikes within {cfg.guard.window} steps: rolled back to the "
@@ -394,10 +359,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
                      if cfg.guard.lr_factor != 1 else ""))
 
     def evaluate_sets(sets: dict) -> dict:
-        return {name: evaluate(model, rows, t.batch_size, token_bytes, t.eval_batches, str(device), autocast,
-                               world=world) for name, rows in sets.items()}
+        return {name: evaluate(pipeline or model, rows, t.batch_size, token_bytes, t.eval_batches, str(device),
+                               autocast, world=world) for name, rows in sets.items()}
 
-    def validate() -> dict:  # every rank evaluates (FSDP and tensor-parallel forwards are collective); rank 0 reports
+    def validate() -> dict:  # every rank evaluates (FSDP, tensor- and pipeline-parallel forwards are collective)
         by_source = evaluate_sets(val_sets)
         result = combine_results(list(by_source.values()))
         record = {"step": step, "val_loss": result["loss"], "val_perplexity": result["perplexity"]}
@@ -423,6 +388,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
         if not model.causal:
             say(f"step {step}: no sample: a masked LM does not generate text (`minipretrain fill-mask` fills masks)")
             return None
+        if pipeline is not None:
+            say(f"step {step}: no sample under pipeline parallelism (each rank holds part of the model): "
+                "`minipretrain generate --ckpt RUN` samples from the checkpoint")
+            return None
         generator = torch.Generator(device=device).manual_seed(t.seed)  # never touches the training RNG
         with autocast:
             text = complete(model, tokenizer, t.sample_prompt, t.sample_tokens, generator=generator, device=device)
@@ -432,6 +401,30 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
         say(f"step {step} sample: {text[:300]!r}")
         return text
 
+    def read_pending() -> list[dict]:
+        """Read the pending steps' numbers back from the device (one synchronisation for the window), act on the
+        spike guard's verdicts in step order, and return the metrics lines of the log steps among them."""
+        lines = []
+        for record in _read_back(pending):
+            at, values = record["step"], record["values"]
+            reason = guard.reason(values["verdict"])
+            if reason is not None:
+                handle_bad_step(at, reason, values["loss"], values["grad_norm"],
+                                spans(record["drawn_before"], record["drawn_after"]),
+                                bool(values["verdict"][REBASELINED]))
+                continue
+            losses.append(values["loss"])
+            if at % t.log_every == 0 or at == t.max_steps:
+                line = {"step": at, "loss": values["loss"], "lr": record["lr"], "grad_norm": values["grad_norm"],
+                        "tokens": tokens - (step - at) * tokens_per_step}
+                if values["balance"] is not None:
+                    line.update(aux_loss=values["aux_loss"], expert_balance=round(values["balance"], 4))
+                if len(batches.names) > 1:
+                    line["tokens_by_source"] = record["tokens_by_source"]
+                lines.append(line)
+        pending.clear()
+        return lines
+
     start = time.perf_counter()
 
     def elapsed():
@@ -439,63 +432,69 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
 
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world.dp_size  # global
     if snapshot is not None:
-        snapshot.take(step, model, optimizer, scaler, batches.drawn)
+        snapshot.take(step, model, optimizer, scaler, drawn)
     first_val = validate() if val_sets and step == 0 else None
     last_val, losses = first_val, []
     first_step = step
-    window_steps, window_time, session_time = 0, 0.0, 0.0  # time in training steps only, not eval or saving
+    window_steps, window_time, window_wait, session_time = 0, 0.0, 0.0, 0.0  # time in steps only, not eval or saving
+    pending: list[_Pending] = []  # steps whose numbers are still on the device
     # Redirected to a file, the bar would write a line per step: refresh it every 30 s instead.
     bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not show_progress,
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
     signals = held.enter_context(StopSignals())
+    not_counted = pipeline.norm_excluded if pipeline is not None else ()
     try:
         while step < t.max_steps:
-            step_start = time.perf_counter()
+            step_start, waited = time.perf_counter(), loader.wait_s
             lr = lr_at(step, cfg.optim, t.max_steps) * guard.lr_scale(step + 1)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            drawn_before = list(batches.drawn)
-            micro_batches = [batches.next_batch(t.batch_size, world.dp_rank, world.dp_size)
-                             for _ in range(t.grad_accum)]
-            step_loss, aux_loss = accumulate_gradients(step_model, micro_batches, autocast, scaler, world, model.causal)
-            grad_norm = unscale_and_clip(model, optimizer, scaler, cfg.optim.grad_clip)
-            reason = guard.check(step + 1, step_loss, grad_norm, check_grad_finite=not scaler.is_enabled())
-            # One all-reduce, so that every rank drops the same updates and saves or stops at the same step.
-            bad, stop, save_due = world.any_rank([reason is not None, signals.received is not None,
-                                                  save_timer.due()])
-            finish_step(optimizer, scaler, apply=not bad)
+            data = loader.next()
+            # Nothing in here reads a number back from the device (train/step.py): a GPU runs ahead of Python.
+            step_loss, aux_loss = accumulate_gradients(step_model, data.micro_batches, autocast, scaler, world,
+                                                       model.causal, data.target_counts)
+            if pipeline is not None:
+                pipeline.sync_tied_gradients()
+            grad_norm = unscale_and_clip(model, optimizer, scaler, cfg.optim.grad_clip, world, not_counted)
+            verdict = guard.check(step + 1, step_loss, grad_norm, check_grad_finite=not scaler.is_enabled())
+            world.max_over_ranks_(verdict[CODE : CODE + 1])  # every rank drops the same updates, for one reason
+            bad = verdict[CODE] > 0
+            finish_step(optimizer, scaler, skip=bad)
             # A dropped update leaves the routers' balancing biases alone too.
-            balance = moe.end_of_step(model, world, 0.0 if bad else cfg.model.router_bias_update_rate)
+            balance = moe.end_of_step(model, world, cfg.model.router_bias_update_rate, applied=~bad)
+            guard.update(verdict)
             step += 1
             tokens += tokens_per_step
+            data_state, drawn = data.state, data.drawn_after
+            pending.append(_Pending(step, lr, step_loss, aux_loss, grad_norm, verdict, balance, data))
+            bar.update(1)
+            evaluating = bool(val_sets and t.eval_every and step % t.eval_every == 0 and step < t.max_steps)
+            sampling = bool(t.sample_every and step % t.sample_every == 0 and step < t.max_steps)
+            saving = bool(t.save_every and step % t.save_every == 0 and step < t.max_steps)
+            stop = save_due = False
+            pending_log: list[dict] = []
+            if step % t.log_every == 0 or step == t.max_steps or evaluating or sampling or saving:
+                pending_log = read_pending()  # the one read-back of the window, then the flags all ranks agree on
+                stop, save_due = world.any_rank([signals.received is not None, save_timer.due()])
             step_time = time.perf_counter() - step_start
             window_steps += 1
             window_time += step_time
+            window_wait += loader.wait_s - waited
             session_time += step_time
-            bar.update(1)
-            if bad:
-                handle_bad_step(reason or "a bad step on another rank", step_loss, grad_norm,
-                                spans(drawn_before, batches.drawn))
-            else:
-                if math.isfinite(grad_norm):  # an fp16 overflow (the scaler skipped it) says nothing of the level
-                    guard.accept(step_loss, grad_norm)
-                losses.append(step_loss)
-
-            if not bad and (step % t.log_every == 0 or step == t.max_steps):
+            if step == first_step + 1 and compile_model:
+                say(f"step {step} took {step_time:.1f}s, compiling the blocks included")
+            for log_record in pending_log:
                 tokens_per_s = window_steps * tokens_per_step / max(window_time, 1e-9)
-                record = {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                          "elapsed": round(elapsed(), 3), "tokens_per_s": round(tokens_per_s, 1)}
-                if balance is not None:
-                    record.update(aux_loss=aux_loss, expert_balance=round(balance, 4))
-                if len(batches.names) > 1:
-                    record["tokens_by_source"] = batches.tokens_by_source()
+                log_record.update(elapsed=round(elapsed(), 3), tokens_per_s=round(tokens_per_s, 1),
+                                  data_wait_s=round(window_wait / window_steps, 6))
                 if main:
-                    metrics.write(record)
-                bar.set_postfix_str(f"loss {step_loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s", refresh=False)
-                window_steps, window_time = 0, 0.0
-            if val_sets and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+                    metrics.write(log_record)
+                bar.set_postfix_str(f"loss {log_record['loss']:.4f} lr {log_record['lr']:.2e} {tokens_per_s:,.0f} "
+                                    "tok/s", refresh=False)
+                window_steps, window_time, window_wait = 0, 0.0, 0.0
+            if evaluating:
                 last_val = validate()
-            if t.sample_every and step % t.sample_every == 0 and step < t.max_steps:
+            if sampling:
                 sample()
             if stop and step < t.max_steps:  # at the last step the run ends (and saves) anyway
                 saved = save()
@@ -504,10 +503,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
                           f"step {step}: stopped by {signals.received or 'a signal to another rank'}; saved {saved}")
                 raise Preempted(f"stopped by {signals.received or 'a signal to another rank'} at step {step}; "
                                 f"checkpoint {saved} saved: continue with --resume")
-            if ((t.save_every and step % t.save_every == 0) or save_due) and step < t.max_steps:
+            if (saving or save_due) and step < t.max_steps:
                 save()
     finally:
         bar.close()
+        loader.close()
 
     if val_sets:
         last_val = validate()
@@ -518,6 +518,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     summary = {
         "steps": step, "tokens": tokens, "elapsed_s": round(total_time, 1),
         "tokens_per_s": round((step - first_step) * tokens_per_step / max(session_time, 1e-9), 1),
+        "data_wait_fraction": round(loader.wait_s / max(session_time, 1e-9), 6),
         "final_train_loss": float(np.mean(losses[-10:])) if losses else None,
         "first_val_loss": first_val["val_loss"] if first_val else None,
         "final_val_loss": last_val["val_loss"] if last_val else None,
@@ -537,3 +538,45 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     log(f"done: {step} steps, {tokens:,} tokens in {total_time:.0f}s; train loss {summary['final_train_loss']:.4f}"
         f"{'; ' + val_text if val_text else ''}{'; spike guard: ' + events if events else ''}; checkpoint {final_ckpt}")
     return summary
+
+
+class _Pending(NamedTuple):
+    """A step whose numbers are still device tensors, until the next read-back."""
+    step: int
+    lr: float
+    loss: torch.Tensor
+    aux_loss: torch.Tensor
+    grad_norm: torch.Tensor
+    verdict: torch.Tensor
+    balance: torch.Tensor | None
+    data: StepData
+
+
+def _read_back(pending: list[_Pending]) -> list[dict]:
+    """Every pending step's loss, balancing loss, gradient norm, expert balance and guard verdict, read from the
+    device in one transfer (one synchronisation for the whole window)."""
+    if not pending:
+        return []
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=pending[0].loss.device)
+    rows = torch.stack([torch.cat([torch.stack([p.loss.double(), p.aux_loss.double(), p.grad_norm.double(),
+                                                (p.balance if p.balance is not None else nan).double()]),
+                                   p.verdict]) for p in pending]).tolist()
+    out = []
+    for p, row in zip(pending, rows, strict=True):
+        values = {"loss": row[0], "aux_loss": row[1], "grad_norm": row[2],
+                  "balance": row[3] if p.balance is not None else None, "verdict": row[4:]}
+        out.append({"step": p.step, "lr": p.lr, "values": values, "drawn_before": p.data.drawn_before,
+                    "drawn_after": p.data.drawn_after, "tokens_by_source": p.data.tokens_by_source})
+    return out
+
+
+def _model_size(total: int, active: int) -> str:
+    return f"{total / 1e6:.2f}M parameters" + (f" ({active / 1e6:.2f}M active per token)" if active < total else "")
+
+
+def _layout(world: World, cfg: Config) -> str:
+    if world.size == 1:
+        return "; FSDP2 offloading to the CPU in one process" if world.distributed else ""
+    pipeline = (f", pipeline parallel x {world.pp_size} ({cfg.parallel.pp_schedule})" if world.pp_size > 1 else "")
+    return (f"; {world.size} processes, {cfg.parallel.mode if world.dp_size > 1 else 'no'} data parallel x "
+            f"{world.dp_size}, tensor parallel x {world.tp_size}{pipeline}")
