@@ -276,7 +276,7 @@ def test_one_gpu_cpu_offload_joins_a_one_process_group(monkeypatch):
     assert calls["device_id"] == torch.device("cuda", 0)
     assert calls["backend"] == "cuda:nccl,cpu:gloo" and calls["world_size"] == 1 and calls["rank"] == 0
     assert isinstance(calls["store"], dist.HashStore)  # no rendezvous for one process
-    assert calls["mesh"] == ("cuda", (1, 1))
+    assert calls["mesh"] == ("cuda", (1, 1, 1))  # ("pp", "dp", "tp")
     assert world.distributed and world.size == 1 and world.device == torch.device("cuda", 0)
     # without offload a single process joins nothing, and closing it leaves any group it did not create alone
     monkeypatch.setattr(dist, "is_initialized", lambda: True)

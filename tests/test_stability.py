@@ -100,11 +100,6 @@ def test_min_step_defaults_to_warmup():
     assert SpikeGuard(GuardConfig(min_step=5), warmup_steps=30).min_step == 5
 
 
-def _same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(
-        torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k] for k, v in a.items())
-
-
 def test_rollback_counts_spikes_within_the_window_and_state_round_trips():
     guard = SpikeGuard(GuardConfig(action="rollback", max_spikes=2, window=10, lr_factor=0.5, lr_steps=4), 0)
     _warm(guard, 12)
@@ -116,7 +111,7 @@ def test_rollback_counts_spikes_within_the_window_and_state_round_trips():
     assert guard.lr_scale(21) == 0.5 and guard.lr_scale(22) == 1.0
     copy = SpikeGuard(guard.cfg, 0)
     copy.load_state_dict(guard.state_dict())
-    assert _same_state(copy.state_dict(), guard.state_dict())
+    assert copy.state_dict() == guard.state_dict()
     assert guard.summary() == {"spike_skipped": 2, "nan": 1, "rollback": 1, "rebaseline": 0}
 
 

@@ -156,8 +156,9 @@ def init_distributed(cfg: ParallelConfig, device_name: str) -> World:
         return _join(cfg, device, rank=0, size=1, store=dist.HashStore())  # an in-process store: no rendezvous
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if size % model_parallel:
-        raise ConfigError(f"parallel.tensor_parallel={cfg.tensor_parallel} x parallel.pipeline_parallel="
-                          f"{cfg.pipeline_parallel} does not divide the {size} processes")
+        split = " x ".join(f"parallel.{key}={n}" for key, n in (("tensor_parallel", cfg.tensor_parallel),
+                                                                ("pipeline_parallel", cfg.pipeline_parallel)) if n > 1)
+        raise ConfigError(f"{split} does not divide the {size} processes")
     dp_size = size // model_parallel
     if cfg.mode == "ddp" and cfg.tensor_parallel > 1 and dp_size > 1:
         raise ConfigError("parallel.mode=ddp cannot combine with tensor parallelism across data-parallel groups: "

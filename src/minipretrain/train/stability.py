@@ -139,17 +139,23 @@ class SpikeGuard:
         return dict(self.counts)
 
     def state_dict(self) -> dict:
-        return {"losses": self.losses.cpu(), "grad_norms": self.grad_norms.cpu(), "head": self.head.cpu(),
-                "consecutive": self.consecutive.cpu(), "spike_steps": list(self.spike_steps),
+        """Plain Python values (read back at a save, not during a step): the rings slot by slot, None when empty."""
+        def ring(t: torch.Tensor) -> list:
+            return [None if math.isnan(v) else v for v in t.tolist()]
+
+        return {"losses": ring(self.losses), "grad_norms": ring(self.grad_norms), "head": int(self.head),
+                "consecutive": int(self.consecutive), "spike_steps": list(self.spike_steps),
                 "skipped": list(self.skipped), "counts": dict(self.counts), "lr_scaled_until": self.lr_scaled_until}
 
     def load_state_dict(self, state: dict) -> None:
-        if isinstance(state["losses"], list):  # checkpoints before the guard moved to the device: oldest first
+        if "head" in state:
+            for name in ("losses", "grad_norms"):
+                values = [math.nan if v is None else v for v in state[name]]
+                getattr(self, name).copy_(torch.tensor(values, dtype=torch.float64))
+            self.head.fill_(state["head"])
+        else:  # checkpoints before the guard moved to the device: the good steps' values, oldest first
             for loss, grad_norm in zip(state["losses"], state["grad_norms"], strict=True):
                 self.update(self.check(0, loss, grad_norm))
-        else:
-            for name in ("losses", "grad_norms", "head"):
-                getattr(self, name).copy_(state[name])
         self.consecutive.fill_(int(state.get("consecutive", 0)))
         self.spike_steps = list(state["spike_steps"])
         self.skipped = list(state["skipped"])
