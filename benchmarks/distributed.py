@@ -79,7 +79,7 @@ def worker(args) -> None:
     world = init_distributed(cfg.parallel, "cpu")
     seed_everything(cfg.train.seed)  # the same initial weights on every rank (FSDP shards them as they are)
     model = MiniMind(cfg.model)
-    step_model = parallelize(model, world, cfg.parallel, torch.float32)
+    model, step_model = parallelize(model, world, cfg.parallel, torch.float32)
     optimizer = build_optimizer(model, cfg.optim, "cpu")
     autocast, scaler = mixed_precision(torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(cfg.train.seed + world.dp_rank)  # each data-parallel rank its own data
@@ -103,7 +103,7 @@ def worker(args) -> None:
     apply_gradients(model, optimizer, scaler, cfg.optim.grad_clip)
     hwm = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM")]
     result = {"rank": world.rank, "processes": world.size, "threads": torch.get_num_threads(), "times_s": times,
-              "last_loss": loss, "parameters": model.num_parameters(), "model_state_bytes": state,
+              "last_loss": float(loss), "parameters": model.num_parameters(), "model_state_bytes": state,
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
               "vm_hwm_mib": int(hwm[0].split()[1]) / 1024 if hwm else None, "torch": torch.__version__}
     (args.out / f"rank{world.rank}.json").write_text(json.dumps(result))

@@ -243,12 +243,16 @@ def test_cli_refuses_bad_flags_before_any_work(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", [[], ["model.moe=true", "model.num_experts=4", "model.num_experts_per_tok=2"]],
                          ids=["dense", "moe"])
-def test_compiled_training_matches_eager(tmp_path, shakespeare, tokenizer_dir, model):
-    """float32, so the tolerance is tight (bf16 and the GPU are in test_cuda.py)."""
+def test_compiled_training_matches_eager(tmp_path, shakespeare, tokenizer_dir, model, capsys):
+    """float32, so the tolerance is tight (bf16 and the GPU are in test_cuda.py). Blocks are compiled one by one,
+    and the start-up says so and how long the first step (with compilation) took."""
     common = [f"data.path={json.dumps(str(shakespeare))}", f"data.tokenizer={json.dumps(str(tokenizer_dir))}",
               "train.max_steps=3", "data.val_fraction=0", *model]
     train(tiny_config(*common), tmp_path / "eager", show_progress=False)
+    capsys.readouterr()
     train(tiny_config(*common, "train.compile=true"), tmp_path / "compiled", show_progress=False)
+    out = capsys.readouterr().out
+    assert "blocks compiled with torch.compile" in out and "step 1 took" in out and "compiling the blocks" in out
     eager, compiled = step_losses(tmp_path / "eager"), step_losses(tmp_path / "compiled")
     assert eager.keys() == compiled.keys() == {1, 2, 3}
     for step in eager:

@@ -99,8 +99,8 @@ def clip_grad_norm(parameters, max_norm: float, world: World | None = None, not_
 
         dist.all_reduce(total, group=world.mesh.get_group("pp"))
     total = total.sqrt()
-    if max_norm:
-        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    if max_norm:  # the coefficient in float64, as a Python float would be: the same bits as torch's own clipping
+        scale = (max_norm / (total.double() + 1e-6)).clamp(max=1.0).float()
         for grads in groups.values():
             torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], scale)
     return total

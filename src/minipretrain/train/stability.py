@@ -84,8 +84,10 @@ class SpikeGuard:
         code = verdict[CODE]
         good = code == GOOD
         accepted = good & verdict[GRAD_NORM].isfinite()  # an fp16 overflow says nothing of the level
-        self.losses[self.head] = torch.where(accepted, verdict[LOSS], self.losses[self.head])
-        self.grad_norms[self.head] = torch.where(accepted, verdict[GRAD_NORM], self.grad_norms[self.head])
+        # A mask, not ring[head] = ...: indexing with a device tensor would read it back to the host.
+        slot = accepted & (torch.arange(self.cfg.window, device=self.device) == self.head)
+        self.losses = torch.where(slot, verdict[LOSS], self.losses)
+        self.grad_norms = torch.where(slot, verdict[GRAD_NORM], self.grad_norms)
         self.head = (self.head + accepted.long()) % self.cfg.window
         unchanged = torch.where(good & ~accepted, self.consecutive, 0)
         self.consecutive = torch.where(code >= LOSS_FACTOR, self.consecutive + 1, unchanged)
