@@ -18,6 +18,15 @@
    extra step, before optimizer.step; and peak RSS (getrusage ru_maxrss; VmHWM as a cross-check, as ru_maxrss
    can carry the high-water mark of the launching process across exec). DDP's gradient buckets (another copy of
    the gradients) are not model state and show only in RSS. FSDP2 should hold about 1/N of the model state.
+3. --pipeline: the bubble of each pipeline schedule (gpipe, 1f1b, interleaved_1f1b) on 2 stages, for a few
+   micro-batch counts m, against the theory (p - 1) / (v*m + p - 1) (p stages, v stages per rank). Each run is
+   2 processes with 1 thread each; rank 0 first times one process doing the same work alone (forward and backward
+   of the whole model over the m micro-batches, 1 thread: T1), then both time the pipeline's forward_backward
+   (T_pp, the slower rank's). measured bubble = 1 - (T1 / p) / T_pp: the share of the pipeline's time in which
+   a rank does not do its part of the work (idle in the bubble, waiting on a send, or computing more than 1/p,
+   as the last stage does with the head).
+
+    python benchmarks/distributed.py --pipeline --config configs/tiny.toml --set model.num_hidden_layers=8
 """
 
 from __future__ import annotations
@@ -47,11 +56,14 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds of all runs")
     p.add_argument("--cores", type=int, default=os.cpu_count(), help="threads to share among a run's processes")
+    p.add_argument("--pipeline", action="store_true", help="measure the pipeline bubble of each schedule instead")
+    p.add_argument("--microbatches", default="2,4,8", help="--pipeline: the micro-batch counts m to measure")
     p.add_argument("--json", type=Path, help="default: benchmarks/results/distributed-<preset>.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal: one process of a run
     p.add_argument("--mode", default="ddp", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--schedule", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -110,6 +122,110 @@ def worker(args) -> None:
     world.close()
 
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+def theoretical_bubble(stages: int, microbatches: int, per_rank: int = 1) -> float:
+    """(p - 1) / (v*m + p - 1): the idle share of a pipeline of p ranks with v stages each and m micro-batches."""
+    return (stages - 1) / (per_rank * microbatches + stages - 1)
+
+
+def pipeline_worker(args) -> None:
+    """One rank of a --pipeline run: T1 (rank 0 alone, the whole model), then the pipeline's step time."""
+    import torch
+
+    from minipretrain.config import load_config, pipeline_shape
+    from minipretrain.data.batches import Batch
+    from minipretrain.model import MiniMind
+    from minipretrain.parallel import init_distributed, parallelize
+    from minipretrain.precision import mixed_precision
+    from minipretrain.train.loop import accumulate_gradients, seed_everything
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    m = int(args.microbatches)  # one count per worker run
+    cfg = load_config(args.config, [*args.set, f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}",
+                                    f"train.grad_accum={m}", "train.device=cpu", "train.dtype=float32",
+                                    "parallel.pipeline_parallel=2", f"parallel.pp_schedule={args.schedule}"])
+    world = init_distributed(cfg.parallel, "cpu")
+    seed_everything(cfg.train.seed)
+    model = MiniMind(cfg.model)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    inputs = [torch.randint(0, cfg.model.vocab_size, (args.batch_size, args.seq_len), generator=gen) for _ in range(m)]
+    batches = [Batch(x, x.clone()) for x in inputs]
+    autocast, scaler = mixed_precision(torch.device("cpu"), torch.float32)
+
+    def timed(step) -> list[float]:
+        times = []
+        for i in range(args.warmup + args.steps):
+            world.barrier()
+            start = time.perf_counter()
+            step()
+            world.barrier()  # the step ends when its slowest rank does
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+        return times
+
+    alone = []
+    if world.rank == 0:  # the same work in one process, one thread, while the other rank waits
+        for i in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            accumulate_gradients(model, batches, autocast, scaler)
+            if i >= args.warmup:
+                alone.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    world.barrier()
+    _, pipeline = parallelize(model, world, cfg.parallel, torch.float32, m)
+    pipe_times = timed(lambda: accumulate_gradients(pipeline, batches, autocast, scaler, world))
+    result = {"rank": world.rank, "alone_s": alone, "pipeline_s": pipe_times,
+              "per_rank": pipeline_shape(cfg.parallel, m)[0], "torch": torch.__version__}
+    (args.out / f"rank{world.rank}.json").write_text(json.dumps(result))
+    world.close()
+
+
+def pipeline_main(args) -> dict:
+    """--pipeline: every schedule x micro-batch count, one 2-process run each; a table and JSON."""
+    preset = Path(args.config).stem
+    counts = [int(m) for m in args.microbatches.split(",")]
+    print(f"{preset} on 2 pipeline stages: {args.batch_size} rows x seq {args.seq_len} per micro-batch, "
+          f"{args.steps} steps after {args.warmup} warm-up, 1 thread per process, load average before "
+          f"{os.getloadavg()[0]:.2f}\n")
+    print("| schedule | m | T1 alone s | pipeline step s | measured bubble | theory (p-1)/(v*m+p-1) |\n"
+          + "|---" * 6 + "|")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for schedule in PP_SCHEDULES:
+            for m in counts:
+                out = Path(tmp) / f"{schedule}-{m}"
+                out.mkdir()
+                script = [__file__, "--worker", "--pipeline", "--schedule", schedule, "--microbatches", str(m),
+                          "--config", args.config, "--batch-size", str(args.batch_size), "--seq-len",
+                          str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                          "--out", str(out), *(f"--set={s}" for s in args.set)]
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *script]
+                proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"{schedule} m={m} failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+                ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+                alone, step = statistics.median(ranks[0]["alone_s"]), statistics.median(ranks[0]["pipeline_s"])
+                per_rank = ranks[0]["per_rank"]
+                row = {"schedule": schedule, "microbatches": m, "stages_per_rank": per_rank, "alone_s": alone,
+                       "pipeline_step_s": step, "measured_bubble": 1 - (alone / 2) / step,
+                       "theoretical_bubble": theoretical_bubble(2, m, per_rank)}
+                rows.append(row)
+                print(f"| {schedule} | {m} | {alone:.3f} | {step:.3f} | {row['measured_bubble']:.3f} | "
+                      f"{row['theoretical_bubble']:.3f} |", flush=True)
+    result = {"preset": preset, "config": args.config, "overrides": args.set, "device": "cpu", "backend": "gloo",
+              "batch_size_per_microbatch": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+              "warmup": args.warmup, "torch": ranks[0]["torch"], "rows": rows}
+    out = args.json or ROOT / "benchmarks" / "results" / f"pipeline-{preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return result
+
+
 def launch(args, name: str, out: Path) -> list[dict]:
     """One run in fresh processes; returns each rank's result."""
     procs, mode = RUNS[name]
@@ -128,7 +244,9 @@ def launch(args, name: str, out: Path) -> list[dict]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker:
-        return worker(args)
+        return pipeline_worker(args) if args.pipeline else worker(args)
+    if args.pipeline:
+        return pipeline_main(args)
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
         sys.exit("--steps and --repeats must be >= 1, --warmup >= 0")
     preset, tokens = Path(args.config).stem, args.batch_size * args.seq_len  # tokens per rank per step

@@ -219,6 +219,36 @@ def test_fsdp_cpu_offload_trains_on_one_gpu(tmp_path, shakespeare, tokenizer_dir
     assert next(model.parameters()).is_cuda
 
 
+@pytest.mark.cuda
+def test_a_training_step_never_synchronises_with_the_host(tmp_path, shakespeare, tokenizer_dir, monkeypatch):
+    """Every piece of a training step runs under torch.cuda.set_sync_debug_mode("error"): a host synchronisation
+    inside a step (an .item(), a bool of a device tensor, a pageable copy) raises. Reading back at log lines,
+    validation and saves happen outside the step and may synchronise. (On CPU: tests/test_step_loop.py counts.)"""
+    from minipretrain import moe
+    from minipretrain.parallel.mesh import World as MeshWorld
+    from minipretrain.train import loop, stability
+
+    def strict(fn):
+        def run(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return run
+
+    for name in ("accumulate_gradients", "unscale_and_clip", "finish_step"):
+        monkeypatch.setattr(loop, name, strict(getattr(loop, name)))
+    for cls, name in ((stability.SpikeGuard, "check"), (stability.SpikeGuard, "update"),
+                      (MeshWorld, "max_over_ranks_")):
+        monkeypatch.setattr(cls, name, strict(getattr(cls, name)))
+    monkeypatch.setattr(moe, "end_of_step", strict(moe.end_of_step))
+    for extra in ((), ("data.document_mask=true", WIDE_HEADS, "train.compile=true")):
+        cfg = tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.device=cuda", "train.dtype=bfloat16",
+                          "train.max_steps=6", "train.log_every=3", "train.grad_accum=2", *extra)
+        assert train(cfg, tmp_path / f"run{len(extra)}", show_progress=False)["steps"] == 6
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_throughput_benchmark_reports_mfu(tmp_path, device, capsys):
     spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")

@@ -52,13 +52,23 @@ def test_two_stages_equal_one_process(tmp_path, shakespeare, tokenizer_dir, refe
     assert "no sample under pipeline parallelism" in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_stages_times_two_replicas_equal_one_process(tmp_path, shakespeare, tokenizer_dir, reference, mode):
+@pytest.mark.parametrize("schedule, mode", [("gpipe", "ddp"), ("1f1b", "fsdp"), ("interleaved_1f1b", "ddp")])
+def test_two_stages_times_two_replicas_equal_one_process(tmp_path, shakespeare, tokenizer_dir, reference, schedule,
+                                                         mode):
     _, config = _config(tmp_path, shakespeare, tokenizer_dir, *FOUR_LAYERS, "train.batch_size=2",
-                        "parallel.pipeline_parallel=2", f"parallel.mode={mode}")
+                        "parallel.pipeline_parallel=2", f"parallel.pp_schedule={schedule}", f"parallel.mode={mode}")
     result = torchrun(4, "train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress")
     _assert_same_steps(_steps(tmp_path / "run"), _steps(reference["plain"]), range(1, 7))
     assert f"{mode} data parallel x 2, tensor parallel x 1, pipeline parallel x 2" in result.stderr + result.stdout
+
+
+def test_two_stages_times_two_tensor_parallel_ranks_equal_one_process(tmp_path, shakespeare, tokenizer_dir,
+                                                                      reference):
+    _, config = _config(tmp_path, shakespeare, tokenizer_dir, *FOUR_LAYERS, "parallel.pipeline_parallel=2",
+                        "parallel.tensor_parallel=2")
+    result = torchrun(4, "train", "--config", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress")
+    _assert_same_steps(_steps(tmp_path / "run"), _steps(reference["plain"]), range(1, 7))
+    assert "tensor parallel x 2, pipeline parallel x 2" in result.stderr + result.stdout
 
 
 def test_pipeline_checkpoint_resumes_on_one_process_and_back(tmp_path, shakespeare, tokenizer_dir, reference):
