@@ -125,11 +125,6 @@ def worker(args) -> None:
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
 
-def theoretical_bubble(stages: int, microbatches: int, per_rank: int = 1) -> float:
-    """(p - 1) / (v*m + p - 1): the idle share of a pipeline of p ranks with v stages each and m micro-batches."""
-    return (stages - 1) / (per_rank * microbatches + stages - 1)
-
-
 def pipeline_worker(args) -> None:
     """One rank of a --pipeline run: T1 (rank 0 alone, the whole model), then the pipeline's step time."""
     import torch
@@ -186,6 +181,8 @@ def pipeline_worker(args) -> None:
 
 def pipeline_main(args) -> dict:
     """--pipeline: every schedule x micro-batch count, one 2-process run each; a table and JSON."""
+    from minipretrain.plan import pipeline_bubble
+
     preset = Path(args.config).stem
     counts = [int(m) for m in args.microbatches.split(",")]
     print(f"{preset} on 2 pipeline stages: {args.batch_size} rows x seq {args.seq_len} per micro-batch, "
@@ -212,7 +209,7 @@ def pipeline_main(args) -> dict:
                 per_rank = ranks[0]["per_rank"]
                 row = {"schedule": schedule, "microbatches": m, "stages_per_rank": per_rank, "alone_s": alone,
                        "pipeline_step_s": step, "measured_bubble": 1 - (alone / 2) / step,
-                       "theoretical_bubble": theoretical_bubble(2, m, per_rank)}
+                       "theoretical_bubble": pipeline_bubble(2, m, per_rank)}
                 rows.append(row)
                 print(f"| {schedule} | {m} | {alone:.3f} | {step:.3f} | {row['measured_bubble']:.3f} | "
                       f"{row['theoretical_bubble']:.3f} |", flush=True)

@@ -137,3 +137,22 @@ def test_pipeline_defaults_and_one_process_refusal(monkeypatch):
     with pytest.raises(ConfigError, match=r"parallel\.pipeline_parallel=2 does not divide the 3 processes"):
         init_distributed(cfg.parallel, "cpu")
     assert not torch.distributed.is_initialized()
+
+
+def test_bubble_benchmark_measures_every_schedule(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed.py"
+    spec = importlib.util.spec_from_file_location("distributed_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--pipeline", "--config", str(path.parents[1] / "configs" / "tiny.toml"), "--microbatches",
+                         "2", "--steps", "1", "--warmup", "0", "--batch-size", "1", "--seq-len", "32",
+                         "--set", "model.vocab_size=512", "--json", str(tmp_path / "bubble.json")])
+    rows = {row["schedule"]: row for row in result["rows"]}
+    assert set(rows) == {"gpipe", "1f1b", "interleaved_1f1b"}
+    assert rows["gpipe"]["theoretical_bubble"] == pytest.approx(1 / 3)
+    assert rows["interleaved_1f1b"]["theoretical_bubble"] == pytest.approx(1 / 5)  # v = 2 stages per rank
+    assert all(0 < row["pipeline_step_s"] and row["measured_bubble"] < 1 for row in rows.values())
+    assert (tmp_path / "bubble.json").is_file()

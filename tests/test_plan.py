@@ -82,6 +82,7 @@ def test_compute_optimal_size_from_a_budget():
 def test_tokens_per_step_and_pipeline_bubble():
     assert tokens_per_step(32, 8, 2, 512) == 262_144
     assert pipeline_bubble(4, 16) == pytest.approx(3 / 19)
+    assert pipeline_bubble(4, 16, per_rank=2) == pytest.approx(3 / 35)  # interleaved: (p - 1) / (v*m + p - 1)
     assert pipeline_bubble(1, 8) == 0
     assert make_plan(tiny(), PlanOptions(pipeline_stages=8, microbatches=8))["pipeline"]["bubble"] == 7 / 15
 

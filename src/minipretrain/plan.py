@@ -146,9 +146,10 @@ def tokens_per_step(batch_size: int, devices: int, grad_accum: int, seq_len: int
     return batch_size * devices * grad_accum * seq_len
 
 
-def pipeline_bubble(stages: int, microbatches: int) -> float:
-    """The idle share of a GPipe / 1F1B schedule: (p - 1) / (m + p - 1) (Narayanan et al. 2021)."""
-    return (stages - 1) / (microbatches + stages - 1)
+def pipeline_bubble(stages: int, microbatches: int, per_rank: int = 1) -> float:
+    """The idle share of a GPipe / 1F1B schedule, (p - 1) / (m + p - 1), and of interleaved 1F1B with v stages
+    per rank, (p - 1) / (v*m + p - 1) (Narayanan et al. 2021); p: pipeline ranks, m: micro-batches."""
+    return (stages - 1) / (per_rank * microbatches + stages - 1)
 
 
 # ---------------------------------------------------------------------------------------------------- memory
