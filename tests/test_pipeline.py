@@ -154,5 +154,5 @@ def test_bubble_benchmark_measures_every_schedule(tmp_path):
     assert set(rows) == {"gpipe", "1f1b", "interleaved_1f1b"}
     assert rows["gpipe"]["theoretical_bubble"] == pytest.approx(1 / 3)
     assert rows["interleaved_1f1b"]["theoretical_bubble"] == pytest.approx(1 / 5)  # v = 2 stages per rank
-    assert all(0 < row["pipeline_step_s"] and row["measured_bubble"] < 1 for row in rows.values())
+    assert all(row["pipeline_step_s"] > 0 and row["measured_bubble"] < 1 for row in rows.values())
     assert (tmp_path / "bubble.json").is_file()
