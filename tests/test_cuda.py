@@ -5,14 +5,21 @@ parameter); tests that only mean something on a GPU are marked `cuda` whole. On 
 """
 
 import copy
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BF16_TOLERANCE, DEVICES, data_overrides, step_losses, tiny_config, tiny_model_config
+from conftest import (
+    BF16_TOLERANCE,
+    DEVICES,
+    data_overrides,
+    load_benchmark,
+    step_losses,
+    tiny_config,
+    tiny_model_config,
+)
 
 from minipretrain.data.batches import Batch
 from minipretrain.generate import generate
@@ -251,9 +258,7 @@ def test_a_training_step_never_synchronises_with_the_host(tmp_path, shakespeare,
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_throughput_benchmark_reports_mfu(tmp_path, device, capsys):
-    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
-    throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(throughput)
+    throughput = load_benchmark("throughput")
     args = ["--config", str(REPO / "configs" / "tiny.toml"), "--device", device, "--steps", "2", "--warmup", "1",
             "--batch-size", "2", "--seq-len", "64", "--json", str(tmp_path / "throughput.json")]
     in_table = device == "cuda" and gpu_peak_tflops(torch.cuda.get_device_name(), torch.bfloat16) is not None

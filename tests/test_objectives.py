@@ -1,7 +1,6 @@
 """Training objectives (train.objective = clm | fim | mlm): the FIM and MLM transforms, bidirectional attention,
 resume, mixtures, document masking, data parallelism, the CLI, and the real check: FIM against CLM on held-out code."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -502,10 +501,9 @@ def test_config_checks_objective_keys(capsys):
 
 
 def _fim_benchmark():
-    spec = importlib.util.spec_from_file_location("fim_benchmark", REPO / "benchmarks" / "fim.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_benchmark
+
+    return load_benchmark("fim")
 
 
 

@@ -140,14 +140,10 @@ def test_pipeline_defaults_and_one_process_refusal(monkeypatch):
 
 
 def test_bubble_benchmark_measures_every_schedule(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from conftest import BENCHMARKS, load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "distributed.py"
-    spec = importlib.util.spec_from_file_location("distributed_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--pipeline", "--config", str(path.parents[1] / "configs" / "tiny.toml"), "--microbatches",
+    bench = load_benchmark("distributed")
+    result = bench.main(["--pipeline", "--config", str(BENCHMARKS.parent / "configs" / "tiny.toml"), "--microbatches",
                          "2", "--steps", "1", "--warmup", "0", "--batch-size", "1", "--seq-len", "32",
                          "--set", "model.vocab_size=512", "--json", str(tmp_path / "bubble.json")])
     rows = {row["schedule"]: row for row in result["rows"]}

@@ -3,13 +3,12 @@ its bad flags refused. On the CPU here in every run (a tiny model), and on CUDA 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICES, TINY_MODEL
+from conftest import DEVICES, TINY_MODEL, load_benchmark
 
 from minipretrain.train.metrics import gpu_peak_tflops
 
@@ -18,10 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def throughput():
-    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("throughput")
 
 
 @pytest.mark.slow
