@@ -36,8 +36,9 @@ from minipretrain.data.sources import iter_documents
 from minipretrain.model import MiniMind
 from minipretrain.precision import mixed_precision
 from minipretrain.tokenizer import Tokenizer, train_tokenizer
-from minipretrain.train.loop import accumulate_gradients, apply_gradients, seed_everything
+from minipretrain.train.loop import seed_everything
 from minipretrain.train.optim import build_optimizer
+from minipretrain.train.step import accumulate_gradients, apply_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "sample_pretrain.jsonl"

@@ -81,8 +81,9 @@ def worker(args) -> None:
     from minipretrain.model import MiniMind
     from minipretrain.parallel import init_distributed, parallelize
     from minipretrain.precision import mixed_precision
-    from minipretrain.train.loop import accumulate_gradients, apply_gradients, seed_everything
+    from minipretrain.train.loop import seed_everything
     from minipretrain.train.optim import build_optimizer
+    from minipretrain.train.step import accumulate_gradients, apply_gradients
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as loop.py does
@@ -122,9 +123,6 @@ def worker(args) -> None:
     world.close()
 
 
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-
-
 def pipeline_worker(args) -> None:
     """One rank of a --pipeline run: T1 (rank 0 alone, the whole model), then the pipeline's step time."""
     import torch
@@ -134,7 +132,8 @@ def pipeline_worker(args) -> None:
     from minipretrain.model import MiniMind
     from minipretrain.parallel import init_distributed, parallelize
     from minipretrain.precision import mixed_precision
-    from minipretrain.train.loop import accumulate_gradients, seed_everything
+    from minipretrain.train.loop import seed_everything
+    from minipretrain.train.step import accumulate_gradients
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
@@ -181,6 +180,7 @@ def pipeline_worker(args) -> None:
 
 def pipeline_main(args) -> dict:
     """--pipeline: every schedule x micro-batch count, one 2-process run each; a table and JSON."""
+    from minipretrain.config import PP_SCHEDULES
     from minipretrain.plan import pipeline_bubble
 
     preset = Path(args.config).stem
@@ -192,7 +192,7 @@ def pipeline_main(args) -> dict:
           + "|---" * 6 + "|")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for schedule in PP_SCHEDULES:
+        for schedule in PP_SCHEDULES:  # from minipretrain.config
             for m in counts:
                 out = Path(tmp) / f"{schedule}-{m}"
                 out.mkdir()

@@ -26,9 +26,10 @@ from minipretrain.generate import generate
 from minipretrain.model import KVCache, MiniMind
 from minipretrain.parallel import World
 from minipretrain.train import checkpoint as ckpt_io
-from minipretrain.train.loop import accumulate_gradients, apply_gradients, train
+from minipretrain.train.loop import train
 from minipretrain.train.metrics import gpu_peak_tflops
 from minipretrain.train.optim import build_optimizer
+from minipretrain.train.step import accumulate_gradients, apply_gradients
 
 REPO = Path(__file__).resolve().parents[1]
 # Heads 16 wide: FlexAttention's GPU kernels need at least that (tiny_config's heads are 8 wide).

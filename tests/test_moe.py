@@ -13,8 +13,9 @@ from minipretrain.model import FeedForward, MiniMind
 from minipretrain.moe import MoEFeedForward, balancing_loss, end_of_step, expert_balance
 from minipretrain.parallel import World
 from minipretrain.train.checkpoint import load_model_from_checkpoint
-from minipretrain.train.loop import accumulate_gradients, train
+from minipretrain.train.loop import train
 from minipretrain.train.metrics import read_metrics
+from minipretrain.train.step import accumulate_gradients
 
 MOE = ["model.moe=true", "model.num_experts=4", "model.num_experts_per_tok=2", "model.num_shared_experts=1"]
 

@@ -71,6 +71,19 @@ def test_two_stages_times_two_tensor_parallel_ranks_equal_one_process(tmp_path, 
     assert "tensor parallel x 2, pipeline parallel x 2" in result.stderr + result.stdout
 
 
+def test_a_masked_lm_on_padded_rows_equals_one_process(tmp_path, shakespeare, tokenizer_dir):
+    """Padded rows carry doc_ids only in micro-batches that pad: the pipeline gives the others a one-document mask,
+    so bidirectional attention never sees padding, as in one process."""
+    extra = (*FOUR_LAYERS, "train.objective=mlm", "data.layout=padded", "train.eval_every=3")
+    cfg, _ = _config(tmp_path, shakespeare, tokenizer_dir, *extra)
+    train(cfg, tmp_path / "one", show_progress=False)
+    _, config = _config(tmp_path, shakespeare, tokenizer_dir, *extra, "parallel.pipeline_parallel=2")
+    torchrun(2, "train", "--config", str(config), "--run-dir", str(tmp_path / "pp"), "--no-progress")
+    _assert_same_steps(_steps(tmp_path / "pp"), _steps(tmp_path / "one"), range(1, 7))
+    for step, val in _vals(tmp_path / "one").items():
+        assert _vals(tmp_path / "pp")[step] == pytest.approx(val, abs=1e-5), step
+
+
 def test_pipeline_checkpoint_resumes_on_one_process_and_back(tmp_path, shakespeare, tokenizer_dir, reference):
     _, config = _config(tmp_path, shakespeare, tokenizer_dir, *FOUR_LAYERS, "parallel.pipeline_parallel=2")
     torchrun(2, "train", "--config", str(config), "--run-dir", str(tmp_path / "pp"), "--no-progress")
@@ -113,6 +126,8 @@ def test_layer_split_is_even_and_ordered():
     (("train.grad_accum=1",), "1f1b needs at least one micro-batch per stage"),
     (("model.moe=true",), "model.moe: a mixture of experts does not run under pipeline parallelism"),
     (("parallel.mode=fsdp", "parallel.cpu_offload=true"), "parallel.cpu_offload: does not combine"),
+    (("parallel.pp_microbatches=0",), r"parallel.pp_microbatches: must be >= 1"),
+    (("parallel.pp_stages_per_rank=0",), r"parallel.pp_stages_per_rank: must be >= 1"),
 ])
 def test_impossible_pipelines_are_refused(overrides, message):
     from conftest import tiny_config

@@ -261,6 +261,7 @@ def test_one_gpu_cpu_offload_joins_a_one_process_group(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.update(set_device=device))
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: calls.update(backend=backend, **kwargs))
+    monkeypatch.setattr(dist, "new_group", lambda backend: calls.update(host_group=backend) or "gloo group")
 
     class Mesh:
         def __getitem__(self, name):
@@ -277,6 +278,7 @@ def test_one_gpu_cpu_offload_joins_a_one_process_group(monkeypatch):
     assert calls["backend"] == "cuda:nccl,cpu:gloo" and calls["world_size"] == 1 and calls["rank"] == 0
     assert isinstance(calls["store"], dist.HashStore)  # no rendezvous for one process
     assert calls["mesh"] == ("cuda", (1, 1, 1))  # ("pp", "dp", "tp")
+    assert calls["host_group"] == "gloo" and world.host_group == "gloo group"  # flags never wait for the GPU
     assert world.distributed and world.size == 1 and world.device == torch.device("cuda", 0)
     # without offload a single process joins nothing, and closing it leaves any group it did not create alone
     monkeypatch.setattr(dist, "is_initialized", lambda: True)

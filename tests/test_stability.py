@@ -20,7 +20,7 @@ from minipretrain.train import loop
 from minipretrain.train.metrics import read_metrics
 from minipretrain.train.preemption import SaveTimer
 from minipretrain.train.schedule import lr_at
-from minipretrain.train.stability import MIN_HISTORY, SpikeGuard
+from minipretrain.train.stability import CODE, LOSS_FACTOR, MEAN, MEDIAN, MIN_HISTORY, REBASELINED, SpikeGuard
 
 # --- the detector --------------------------------------------------------------------------------------------
 
@@ -81,7 +81,7 @@ def test_spikes_in_a_row_are_a_new_level_under_skip():
     for _ in range(3):
         verdict = guard.check(50, 3.0, 100.0)  # 100x the median gradient norm
         guard.update(verdict)
-        rebaselined.append(verdict.tolist()[6])
+        rebaselined.append(verdict.tolist()[REBASELINED])
     assert rebaselined == [0.0, 0.0, 1.0]
     assert _reason(guard, 50, 3.0, 100.0) is None  # the statistics start again: nothing to compare with yet
     rolling = SpikeGuard(GuardConfig(action="rollback", max_spikes=3), warmup_steps=0)
@@ -89,7 +89,42 @@ def test_spikes_in_a_row_are_a_new_level_under_skip():
     for _ in range(4):  # under rollback, spikes in a row are for the rollback: the statistics stay
         verdict = rolling.check(50, 3.0, 100.0)
         rolling.update(verdict)
-    assert verdict.tolist()[6] == 0.0 and _reason(rolling, 50, 3.0, 100.0) is not None
+    assert verdict.tolist()[REBASELINED] == 0.0 and _reason(rolling, 50, 3.0, 100.0) is not None
+
+
+def test_a_non_finite_gradient_between_spikes_breaks_the_row():
+    """Only statistical spikes in a row make a new level: a NaN or infinite gradient norm between them is
+    divergence, not a level, and starts the count again."""
+    guard = SpikeGuard(GuardConfig(max_spikes=3), warmup_steps=0)
+    _warm(guard)
+    rebaselined = []
+    for grad_norm in (100.0, math.inf, 100.0, 100.0, 100.0):
+        verdict = guard.check(50, 3.0, grad_norm)
+        guard.update(verdict)
+        rebaselined.append(verdict.tolist()[REBASELINED])
+    assert rebaselined == [0.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_a_step_only_another_rank_flagged_is_reported_as_such():
+    guard = SpikeGuard(GuardConfig(), warmup_steps=0)
+    verdict = guard.check(1, 3.0, 1.0)
+    verdict[CODE] = LOSS_FACTOR  # the all-reduced code: another rank saw a spike
+    assert guard.reason(verdict.tolist()) == "a bad step on another rank"
+
+
+def test_a_resumed_guard_with_another_window_keeps_the_newest_values():
+    import statistics
+
+    old = SpikeGuard(GuardConfig(window=8), warmup_steps=0)
+    losses = [3.0 + 0.1 * i for i in range(13)]  # the ring wraps: its head is mid-way
+    for loss in losses:
+        old.update(old.check(0, loss, loss))
+    for window, kept in ((4, losses[-4:]), (20, losses[-8:])):
+        new = SpikeGuard(GuardConfig(window=window), warmup_steps=0)
+        new.load_state_dict(old.state_dict())
+        verdict = new.check(1, 3.0, 1.0).tolist()
+        assert verdict[MEAN] == pytest.approx(statistics.fmean(kept)), window
+        assert verdict[MEDIAN] == pytest.approx(statistics.median(kept)), window
 
 
 def test_min_step_defaults_to_warmup():
@@ -310,9 +345,11 @@ def _config_file(tmp_path, shakespeare, tokenizer_dir, *extra) -> list[str]:
     return ["--config", str(path)]
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGINT"])
-def test_a_signal_saves_at_the_current_step_and_resume_matches(tmp_path, shakespeare, tokenizer_dir, name):
-    config = _config_file(tmp_path, shakespeare, tokenizer_dir)
+@pytest.mark.parametrize("name, log_every", [("SIGTERM", 1), ("SIGUSR1", 1), ("SIGINT", 1), ("SIGTERM", 4)])
+def test_a_signal_saves_at_the_current_step_and_resume_matches(tmp_path, shakespeare, tokenizer_dir, name,
+                                                               log_every):
+    """Also between two log lines (log_every=4, a signal at step 9): the flag is read every step."""
+    config = _config_file(tmp_path, shakespeare, tokenizer_dir, f"train.log_every={log_every}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(train_cmd(tmp_path / "reference", *config), check=True, env=env, capture_output=True)
     script = tmp_path / "send_signal_at_step.py"

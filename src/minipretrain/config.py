@@ -20,7 +20,8 @@ from minipretrain.errors import ConfigError
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")  # train.dtype and --dtype; torch dtypes in precision.py
 LOGGERS = ("jsonl", "tensorboard", "wandb", "swanlab")  # train.loggers; train/trackers.py starts them
-ACTIVATION_CHECKPOINTING = ("none", "selective", "full")  # train.activation_checkpointing; parallel.py applies it
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")  # train.activation_checkpointing; parallel/ applies it
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")  # parallel.pp_schedule; parallel/pipeline.py runs them
 
 
 def check_device_name(name: str, key: str = "train.device") -> None:
@@ -447,6 +448,11 @@ def validate(cfg: Config) -> None:
              "offloads FSDP shards: it needs parallel.mode=fsdp")
     _require(p.tensor_parallel >= 1, "parallel.tensor_parallel", f"must be >= 1, got {p.tensor_parallel}")
     _require(p.pipeline_parallel >= 1, "parallel.pipeline_parallel", f"must be >= 1, got {p.pipeline_parallel}")
+    _require(p.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
+             f"unknown schedule {p.pp_schedule!r} ({', '.join(PP_SCHEDULES)})")
+    for key in ("pp_stages_per_rank", "pp_microbatches"):
+        value = getattr(p, key)
+        _require(value is None or value >= 1, f"parallel.{key}", f"must be >= 1 (or unset: the default), got {value}")
     if p.pipeline_parallel > 1:
         validate_pipeline(cfg)
     for key, value in (("model.num_key_value_heads", m.num_key_value_heads),
@@ -457,22 +463,18 @@ def validate(cfg: Config) -> None:
                  "(each rank takes an equal slice)")
 
 
-PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")  # parallel.pp_schedule; parallel/pipeline.py runs them
-
 
 def pipeline_shape(p: ParallelConfig, grad_accum: int) -> tuple[int, int]:
     """(stages per rank, micro-batches per step) of a pipeline-parallel run, with their defaults filled in."""
-    per_rank = p.pp_stages_per_rank or (2 if p.pp_schedule == "interleaved_1f1b" else 1)
-    return per_rank, p.pp_microbatches or grad_accum
+    per_rank = p.pp_stages_per_rank if p.pp_stages_per_rank is not None else 2 if p.pp_schedule == "interleaved_1f1b" \
+        else 1
+    return per_rank, p.pp_microbatches if p.pp_microbatches is not None else grad_accum
 
 
 def validate_pipeline(cfg: Config) -> None:
     """What the torch.distributed.pipelining schedules need, checked before any work."""
     p, t, m = cfg.parallel, cfg.train, cfg.model
-    _require(p.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
-             f"unknown schedule {p.pp_schedule!r} ({', '.join(PP_SCHEDULES)})")
     per_rank, micro = pipeline_shape(p, t.grad_accum)
-    _require(per_rank >= 1, "parallel.pp_stages_per_rank", f"must be >= 1, got {per_rank}")
     if p.pp_schedule == "interleaved_1f1b":
         _require(per_rank >= 2, "parallel.pp_stages_per_rank",
                  "interleaved_1f1b needs at least 2 stages per rank (with 1, use pp_schedule=1f1b)")
@@ -483,7 +485,6 @@ def validate_pipeline(cfg: Config) -> None:
     _require(m.num_hidden_layers >= stages, "parallel.pipeline_parallel",
              f"{stages} stages ({p.pipeline_parallel} ranks x {per_rank}) need at least as many layers, the model "
              f"has model.num_hidden_layers={m.num_hidden_layers}")
-    _require(micro >= 1, "parallel.pp_microbatches", f"must be >= 1, got {micro}")
     rows = t.batch_size * t.grad_accum
     _require(rows % micro == 0, "parallel.pp_microbatches",
              f"{micro} micro-batches do not divide the {rows} rows of a step (train.batch_size x train.grad_accum)")

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from minipretrain.model import prediction_targets
 from minipretrain.parallel import World
+from minipretrain.precision import exact_dtype
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
@@ -40,8 +41,8 @@ def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batche
     n_batches = math.ceil(len(rows) / global_batch)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    nats_with_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    nats = torch.zeros((), dtype=exact_dtype(device), device=device)
+    nats_with_bytes = torch.zeros_like(nats)
     targets_counted = 0
     bytes_counted = 0
     correct = 0
@@ -60,7 +61,7 @@ def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batche
         targets = prediction_targets(batch.labels, causal).flatten()
         valid = (targets != -100) & counted
         scored = logits.flatten(0, 1)[valid].float()
-        losses = F.cross_entropy(scored, targets[valid], reduction="none").double()
+        losses = F.cross_entropy(scored, targets[valid], reduction="none").to(nats.dtype)
         correct += int((scored.argmax(dim=-1) == targets[valid]).sum())
         nbytes = token_bytes[targets[valid]]
         nats += losses.sum()
@@ -69,7 +70,7 @@ def evaluate(model, rows, batch_size: int, token_bytes: torch.Tensor, max_batche
         bytes_counted += int(nbytes.sum())
     model.train(was_training)
     sums = torch.tensor([nats.item(), nats_with_bytes.item(), targets_counted, bytes_counted, correct],
-                        dtype=torch.float64, device=device)
+                        dtype=nats.dtype, device=device)
     nats, nats_with_bytes, targets_counted, bytes_counted, correct = world.sum_over_dp_(
         world.from_last_stage_(sums)).tolist()
     return _result(nats, nats_with_bytes, int(targets_counted), int(bytes_counted), int(correct))

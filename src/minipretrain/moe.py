@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipretrain.config import ModelConfig
+from minipretrain.precision import exact_dtype
 
 
 class MoEFeedForward(nn.Module):
@@ -102,7 +103,7 @@ def expert_balance(routed: torch.Tensor) -> torch.Tensor:
     """routed (layers, experts) slot counts -> the busiest expert's share divided by the uniform share, averaged
     over layers (a 0-d tensor on routed's device): 1.0 is perfect balance, num_experts means one expert takes every
     token."""
-    routed = routed.double()
+    routed = routed.to(exact_dtype(routed.device))
     uniform = routed.sum(dim=1) / routed.size(1)
     return (routed.max(dim=1).values / uniform.clamp(min=1e-12)).mean()
 
@@ -117,7 +118,7 @@ def end_of_step(model: nn.Module, world, bias_update_rate: float, applied: torch
     layers = [m for m in moe_layers(model) if m.routed_tokens is not None]
     if not layers:
         return None
-    routed = torch.stack([m.routed_tokens for m in layers]).double()
+    routed = torch.stack([m.routed_tokens for m in layers]).to(exact_dtype(layers[0].routed_tokens.device))
     for m in layers:
         m.routed_tokens = None
     world.sum_over_dp_(routed)

@@ -411,8 +411,9 @@ def measure(cfg: Config, steps: int) -> dict:
     from minipretrain.model import MiniMind
     from minipretrain.parallel import World, resolve_device
     from minipretrain.precision import configure_device, mixed_precision, resolve_precision
-    from minipretrain.train.loop import accumulate_gradients, apply_gradients, seed_everything
+    from minipretrain.train.loop import seed_everything
     from minipretrain.train.optim import build_optimizer
+    from minipretrain.train.step import accumulate_gradients, apply_gradients
 
     t = cfg.train
     device = resolve_device(t.device)

@@ -72,6 +72,12 @@ def resolve_precision(name: str, device: torch.device, key: str = "train.dtype")
     return Precision(dtype, f"{key}={name}")
 
 
+def exact_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of sums and statistics kept on the training device (losses over a window, the spike guard's
+    running statistics): float64, except on MPS, which has none."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def mixed_precision(device: torch.device, amp_dtype: torch.dtype):
     """The autocast context for forward passes and the loss scaler (active for fp16 only)."""
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype != torch.float32 else nullcontext()

@@ -4,8 +4,8 @@
     data = loader.next()     # data.micro_batches, data.target_counts, data.drawn_before, data.state ...
     loader.close()
 
-While the device runs step k, the thread draws and tensorises step k + 1 (pinned, on CUDA, so that the copy to
-the GPU is asynchronous). The sampler's position moves ahead of training by that one step, so every StepData
+While the device runs step k, the thread draws and tensorises step k + 1, and may start on k + 2 (pinned, on CUDA,
+so that the copy to the GPU is asynchronous). The sampler's position runs ahead of training, so every StepData
 carries the position just after its own batches: checkpoints, the spike guard's records and per-source token
 counts use that one, and a resumed run continues exactly after the last trained step, never after a prefetched
 one. Only the thread touches the sampler once the loader runs.

@@ -25,6 +25,7 @@ from minipretrain.parallel.mesh import (
 )
 from minipretrain.parallel.pipeline import Pipeline
 from minipretrain.parallel.tensor_parallel import apply_tensor_parallel
+from minipretrain.precision import exact_dtype
 
 __all__ = ["Pipeline", "World", "apply_activation_checkpointing", "check_parallel_precision", "checkpointed_blocks",
            "clip_grad_norm", "compile_blocks", "fsdp_options", "gradient_sync", "init_distributed",
@@ -100,7 +101,7 @@ def clip_grad_norm(parameters, max_norm: float, world: World | None = None, not_
         dist.all_reduce(total, group=world.mesh.get_group("pp"))
     total = total.sqrt()
     if max_norm:  # the coefficient in float64, as a Python float would be: the same bits as torch's own clipping
-        scale = (max_norm / (total.double() + 1e-6)).clamp(max=1.0).float()
+        scale = (max_norm / (total.to(exact_dtype(total.device)) + 1e-6)).clamp(max=1.0).float()
         for grads in groups.values():
             torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], scale)
     return total

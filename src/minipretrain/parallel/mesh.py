@@ -50,6 +50,7 @@ class World:
     pp_size: int = 1
     device: torch.device = torch.device("cpu")
     mesh: object = None  # a DeviceMesh with dims ("pp", "dp", "tp") when distributed
+    host_group: object = None  # a gloo group for host values on GPUs (None: the default group, gloo on CPUs)
 
     @property
     def is_main(self) -> bool:
@@ -70,14 +71,6 @@ class World:
         compute the logits and the loss."""
         return self.pp_rank == self.pp_size - 1
 
-    def sum_over_dp(self, values: list[float]) -> list[float]:
-        """Element-wise sums over the data-parallel ranks (tensor-parallel ranks hold the same values)."""
-        if self.dp_size == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.mesh.get_group("dp"))
-        return t.tolist()
-
     def sum_over_dp_(self, t: torch.Tensor) -> torch.Tensor:
         """In place, on the device (no host synchronisation): `t` summed over the data-parallel ranks."""
         if self.dp_size > 1:
@@ -94,12 +87,12 @@ class World:
         return t
 
     def any_rank(self, flags: list[bool]) -> list[bool]:
-        """Element-wise: is each flag set on any rank? (One small all-reduce, so that every rank acts alike on
-        what only some saw, such as a signal.)"""
+        """Element-wise: is each flag set on any rank? One small all-reduce of host values, so that every rank acts
+        alike on what only some saw, such as a signal; on GPUs it goes over gloo and never waits for the device."""
         if not self.distributed:
             return list(flags)
-        t = torch.tensor(flags, dtype=torch.float32, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor(flags, dtype=torch.float32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
         return [bool(v) for v in t.tolist()]
 
     def max_over_ranks_(self, t: torch.Tensor) -> torch.Tensor:
@@ -186,4 +179,6 @@ def _join(cfg: ParallelConfig, device: torch.device, rank: int, size: int, store
     pp, tp = cfg.pipeline_parallel, cfg.tensor_parallel
     dp = size // (pp * tp)
     mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
-    return World(rank, size, mesh["dp"].get_local_rank(), dp, tp, mesh["pp"].get_local_rank(), pp, device, mesh)
+    host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None
+    return World(rank, size, mesh["dp"].get_local_rank(), dp, tp, mesh["pp"].get_local_rank(), pp, device, mesh,
+                 host_group)

@@ -119,11 +119,12 @@ class Pipeline:
         micro-batches. Each micro-batch's summed cross-entropy is multiplied by loss_scale; returns their sum on
         the last stage, 0 elsewhere (a device tensor: nothing is read back to the host)."""
         device = self.world.device
-        inputs = torch.cat([b.inputs for b in micro_batches]).to(device, non_blocking=True)
-        labels = torch.cat([b.labels for b in micro_batches]).to(device, non_blocking=True)
+        micro_batches = [b.to(device) for b in micro_batches]  # each from pinned memory, then joined on the device
+        inputs, labels = torch.cat([b.inputs for b in micro_batches]), torch.cat([b.labels for b in micro_batches])
         kwargs = {}
-        if micro_batches[0].doc_ids is not None:
-            kwargs["doc_ids"] = torch.cat([b.doc_ids for b in micro_batches]).to(device, non_blocking=True)
+        if any(b.doc_ids is not None for b in micro_batches):  # padded rows give doc_ids only where they pad
+            kwargs["doc_ids"] = torch.cat([b.doc_ids if b.doc_ids is not None else torch.zeros_like(b.inputs)
+                                           for b in micro_batches])  # zeros: one document per row, as without
         self.loss_scale = loss_scale
         losses: list[torch.Tensor] = []
         args = (inputs,) if 0 in self.stage_ids else ()

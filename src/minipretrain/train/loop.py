@@ -4,14 +4,13 @@
     summary = train(cfg, "runs/demo", resume=True)      # continue exactly where the last checkpoint left off
     summary = train(cfg, "runs/decay", branch_from="runs/demo/checkpoints/step_000400")   # a new run from there
 
-Under torchrun every rank runs this same story on its part of each global batch (see parallel.py); rank 0 alone
+Under torchrun every rank runs this same story on its part of each global batch (see parallel/); rank 0 alone
 logs and writes files, every rank takes part in the collective steps (validation, samples, checkpoints).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import sys
@@ -19,7 +18,6 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +26,7 @@ from tqdm import tqdm
 from minipretrain import moe
 from minipretrain.config import Config, ModelConfig
 from minipretrain.data.dataset import RUN_DATA_DIR, check_objective_tokenizer, load_run_data
-from minipretrain.data.prefetch import StepData, StepLoader
+from minipretrain.data.prefetch import StepLoader
 from minipretrain.errors import CheckpointError, Preempted, UserError
 from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.fileio import DirectoryLock
@@ -58,12 +56,7 @@ from minipretrain.train.optim import build_optimizer
 from minipretrain.train.preemption import SaveTimer, StopSignals
 from minipretrain.train.schedule import lr_at
 from minipretrain.train.stability import CODE, REBASELINED, Snapshot, SpikeGuard
-from minipretrain.train.step import (  # noqa: F401 (apply_gradients: for benchmarks and tests)
-    accumulate_gradients,
-    apply_gradients,
-    finish_step,
-    unscale_and_clip,
-)
+from minipretrain.train.step import StepWindow, accumulate_gradients, finish_step, unscale_and_clip
 from minipretrain.train.trackers import TRACKER_DIRS, TRACKERS_FILE, Trackers, check_loggers
 
 RUN_FILES = ("metrics.jsonl", "samples.txt", "summary.json", "config.toml", "tokenizer", RUN_DATA_DIR,
@@ -265,8 +258,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     # model: this rank's parameters (all of them, or its pipeline stages'); step_model runs the training forward.
     model, step_model = parallelize(model, world, cfg.parallel, amp_dtype, t.grad_accum)
     pipeline = step_model if isinstance(step_model, Pipeline) else None
-    if world.dp_rank:  # data-parallel replicas draw different dropout masks; tensor-parallel peers the same ones
-        seed_everything(t.seed + world.dp_rank)
+    if world.dp_rank or world.pp_rank:  # replicas and pipeline stages draw their own dropout masks; tensor-parallel
+        seed_everything(t.seed + world.dp_rank + 7919 * world.pp_rank)  # peers (one layer's halves) the same ones
     say(f"model: {_model_size(total, active)} on {device.type} ({precision.name}; {precision.reason})"
         f"{_layout(world, cfg)}{'; blocks compiled with torch.compile' if compile_model else ''}")
     optimizer = build_optimizer(model, cfg.optim, device.type)
@@ -327,8 +320,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
         """The draws of each source between two data positions: which samples an event concerns."""
         return {name: [b, a] for name, b, a in zip(batches.names, before, after, strict=True) if a > b}
 
-    def handle_bad_step(at: int, reason: str, loss: float, grad_norm: float, draws: dict, rebaselined: bool) -> None:
-        """The spike guard's action on step `at`, whose update was not applied (see train/stability.py)."""
+    def handle_bad_step(at: int, reason: str, loss: float, grad_norm: float, draws: dict, rebaselined: bool) -> bool:
+        """The spike guard's action on step `at`, whose update was not applied (see train/stability.py); True when
+        it rolled back."""
         record = {"step": at, "loss": loss, "grad_norm": grad_norm, "reason": reason, "draws": draws}
         if cfg.guard.action == "stop":
             log_event({**record, "event": "stopped"}, f"step {at}: {reason}")
@@ -344,7 +338,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
                       f"step {at}: {cfg.guard.max_spikes} spikes in a row: taken as a new level, not a spike; the "
                       f"guard's running statistics start again from here")
         if not guard.wants_rollback():
-            return
+            return False
         if not guard.rolled_back(step):
             raise UserError(f"step {at}: {guard.counts['rollback']} rollbacks did not stop the loss spikes "
                             f"(guard.max_rollbacks={cfg.guard.max_rollbacks}): lower optim.lr or check the data, "
@@ -357,6 +351,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
                   f"weights of step {snapshot.step}, skipping the data in between"
                   + (f"; learning rate x{cfg.guard.lr_factor:g} until step {guard.lr_scaled_until}"
                      if cfg.guard.lr_factor != 1 else ""))
+        return True
 
     def evaluate_sets(sets: dict) -> dict:
         return {name: evaluate(pipeline or model, rows, t.batch_size, token_bytes, t.eval_batches, str(device),
@@ -393,7 +388,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
                 "`minipretrain generate --ckpt RUN` samples from the checkpoint")
             return None
         generator = torch.Generator(device=device).manual_seed(t.seed)  # never touches the training RNG
-        with autocast:
+        # Eager: decoding with a growing KV cache would recompile the compiled blocks for shape after shape.
+        with autocast, torch.compiler.set_stance("force_eager"):
             text = complete(model, tokenizer, t.sample_prompt, t.sample_tokens, generator=generator, device=device)
         if main:
             with open(run_dir / "samples.txt", "a", encoding="utf-8") as f:
@@ -403,26 +399,25 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
 
     def read_pending() -> list[dict]:
         """Read the pending steps' numbers back from the device (one synchronisation for the window), act on the
-        spike guard's verdicts in step order, and return the metrics lines of the log steps among them."""
+        spike guard's verdicts in step order, and return the metrics lines of the log steps among them. After a
+        rollback the rest of the window is not judged: it was trained on the weights the rollback dropped."""
         lines = []
-        for record in _read_back(pending):
-            at, values = record["step"], record["values"]
-            reason = guard.reason(values["verdict"])
+        for n in window.read():
+            reason = guard.reason(n.verdict)
             if reason is not None:
-                handle_bad_step(at, reason, values["loss"], values["grad_norm"],
-                                spans(record["drawn_before"], record["drawn_after"]),
-                                bool(values["verdict"][REBASELINED]))
+                if handle_bad_step(n.step, reason, n.loss, n.grad_norm, spans(n.drawn_before, n.drawn_after),
+                                   bool(n.verdict[REBASELINED])):
+                    break
                 continue
-            losses.append(values["loss"])
-            if at % t.log_every == 0 or at == t.max_steps:
-                line = {"step": at, "loss": values["loss"], "lr": record["lr"], "grad_norm": values["grad_norm"],
-                        "tokens": tokens - (step - at) * tokens_per_step}
-                if values["balance"] is not None:
-                    line.update(aux_loss=values["aux_loss"], expert_balance=round(values["balance"], 4))
+            losses.append(n.loss)
+            if n.step % t.log_every == 0 or n.step == t.max_steps:
+                line = {"step": n.step, "loss": n.loss, "lr": n.lr, "grad_norm": n.grad_norm,
+                        "tokens": tokens - (step - n.step) * tokens_per_step}
+                if n.balance is not None:
+                    line.update(aux_loss=n.aux_loss, expert_balance=round(n.balance, 4))
                 if len(batches.names) > 1:
-                    line["tokens_by_source"] = record["tokens_by_source"]
+                    line["tokens_by_source"] = n.tokens_by_source
                 lines.append(line)
-        pending.clear()
         return lines
 
     start = time.perf_counter()
@@ -437,7 +432,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     last_val, losses = first_val, []
     first_step = step
     window_steps, window_time, window_wait, session_time = 0, 0.0, 0.0, 0.0  # time in steps only, not eval or saving
-    pending: list[_Pending] = []  # steps whose numbers are still on the device
+    window = StepWindow()  # the steps whose numbers are still on the device
     # Redirected to a file, the bar would write a line per step: refresh it every 30 s instead.
     bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not show_progress,
                dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -466,16 +461,18 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
             step += 1
             tokens += tokens_per_step
             data_state, drawn = data.state, data.drawn_after
-            pending.append(_Pending(step, lr, step_loss, aux_loss, grad_norm, verdict, balance, data))
+            window.add(step, lr, step_loss, aux_loss, grad_norm, verdict, balance, data)
             bar.update(1)
             evaluating = bool(val_sets and t.eval_every and step % t.eval_every == 0 and step < t.max_steps)
             sampling = bool(t.sample_every and step % t.sample_every == 0 and step < t.max_steps)
             saving = bool(t.save_every and step % t.save_every == 0 and step < t.max_steps)
-            stop = save_due = False
+            # Host flags every step (under torchrun over gloo: it never waits for the device); then the one
+            # read-back of the window, at log lines and before whatever needs the step's numbers.
+            stop, save_due = world.any_rank([signals.received is not None, save_timer.due()])
             pending_log: list[dict] = []
-            if step % t.log_every == 0 or step == t.max_steps or evaluating or sampling or saving:
-                pending_log = read_pending()  # the one read-back of the window, then the flags all ranks agree on
-                stop, save_due = world.any_rank([signals.received is not None, save_timer.due()])
+            if (step % t.log_every == 0 or step == t.max_steps or evaluating or sampling or saving or stop
+                    or save_due):
+                pending_log = read_pending()
             step_time = time.perf_counter() - step_start
             window_steps += 1
             window_time += step_time
@@ -540,36 +537,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     return summary
 
 
-class _Pending(NamedTuple):
-    """A step whose numbers are still device tensors, until the next read-back."""
-    step: int
-    lr: float
-    loss: torch.Tensor
-    aux_loss: torch.Tensor
-    grad_norm: torch.Tensor
-    verdict: torch.Tensor
-    balance: torch.Tensor | None
-    data: StepData
-
-
-def _read_back(pending: list[_Pending]) -> list[dict]:
-    """Every pending step's loss, balancing loss, gradient norm, expert balance and guard verdict, read from the
-    device in one transfer (one synchronisation for the whole window)."""
-    if not pending:
-        return []
-    nan = torch.tensor(math.nan, dtype=torch.float64, device=pending[0].loss.device)
-    rows = torch.stack([torch.cat([torch.stack([p.loss.double(), p.aux_loss.double(), p.grad_norm.double(),
-                                                (p.balance if p.balance is not None else nan).double()]),
-                                   p.verdict]) for p in pending]).tolist()
-    out = []
-    for p, row in zip(pending, rows, strict=True):
-        values = {"loss": row[0], "aux_loss": row[1], "grad_norm": row[2],
-                  "balance": row[3] if p.balance is not None else None, "verdict": row[4:]}
-        out.append({"step": p.step, "lr": p.lr, "values": values, "drawn_before": p.data.drawn_before,
-                    "drawn_after": p.data.drawn_after, "tokens_by_source": p.data.tokens_by_source})
-    return out
-
-
 def _model_size(total: int, active: int) -> str:
     return f"{total / 1e6:.2f}M parameters" + (f" ({active / 1e6:.2f}M active per token)" if active < total else "")
 
@@ -578,5 +545,5 @@ def _layout(world: World, cfg: Config) -> str:
     if world.size == 1:
         return "; FSDP2 offloading to the CPU in one process" if world.distributed else ""
     pipeline = (f", pipeline parallel x {world.pp_size} ({cfg.parallel.pp_schedule})" if world.pp_size > 1 else "")
-    return (f"; {world.size} processes, {cfg.parallel.mode if world.dp_size > 1 else 'no'} data parallel x "
-            f"{world.dp_size}, tensor parallel x {world.tp_size}{pipeline}")
+    data = f"{cfg.parallel.mode} data parallel x {world.dp_size}" if world.dp_size > 1 else "no data parallelism"
+    return f"; {world.size} processes, {data}, tensor parallel x {world.tp_size}{pipeline}"

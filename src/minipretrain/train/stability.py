@@ -28,11 +28,13 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from minipretrain.config import GuardConfig
+from minipretrain.precision import exact_dtype
 from minipretrain.train.checkpoint import cpu_copy
 
 MIN_HISTORY = 10  # good steps needed before the running statistics are trusted
-# A verdict: one float64 device tensor with these fields. CODE 0 is a good step, else an index into REASONS.
-CODE, LOSS, GRAD_NORM, MEAN, STD, MEDIAN, REBASELINED = range(7)
+# A verdict: one device tensor (float64; float32 on MPS) with these fields. CODE 0 is a good step, else why it is
+# bad (GOOD ... GRAD_FACTOR below); the trainer takes CODE's maximum over all ranks, LOCAL_CODE stays this rank's.
+CODE, LOSS, GRAD_NORM, MEAN, STD, MEDIAN, REBASELINED, LOCAL_CODE = range(8)
 GOOD, NAN_LOSS, NAN_GRAD, LOSS_FACTOR, LOSS_Z, GRAD_FACTOR = range(6)
 
 
@@ -42,7 +44,8 @@ class SpikeGuard:
         self.min_step = warmup_steps if cfg.min_step is None else cfg.min_step
         self.device = torch.device(device)
         # The last guard.window good losses and gradient norms, as rings (NaN: empty), and where the next goes.
-        self.losses = torch.full((cfg.window,), math.nan, dtype=torch.float64, device=self.device)
+        self.dtype = exact_dtype(self.device)
+        self.losses = torch.full((cfg.window,), math.nan, dtype=self.dtype, device=self.device)
         self.grad_norms = torch.full_like(self.losses, math.nan)
         self.head = torch.zeros((), dtype=torch.long, device=self.device)
         self.consecutive = torch.zeros((), dtype=torch.long, device=self.device)  # statistical spikes in a row
@@ -56,14 +59,14 @@ class SpikeGuard:
         reading anything back to the host. check_grad_finite=False with an fp16 gradient scaler: an overflowing
         gradient is its business (it skips the step and lowers the scale), not a spike."""
         c = self.cfg
-        loss = torch.as_tensor(loss, dtype=torch.float64, device=self.device).detach()
-        grad_norm = torch.as_tensor(grad_norm, dtype=torch.float64, device=self.device).detach()
+        loss = torch.as_tensor(loss, dtype=self.dtype, device=self.device).detach()
+        grad_norm = torch.as_tensor(grad_norm, dtype=self.dtype, device=self.device).detach()
         history = (~self.losses.isnan()).sum()
         mean = self.losses.nansum() / history.clamp(min=1)
         std = ((self.losses - mean) ** 2).nansum().div(history.clamp(min=1)).sqrt()
         median = self.grad_norms.nanquantile(0.5, interpolation="midpoint")  # statistics.median's midpoint
         armed = (history >= min(MIN_HISTORY, c.window)) & grad_norm.isfinite() & (step > self.min_step)
-        code = torch.zeros((), dtype=torch.float64, device=self.device)
+        code = torch.zeros((), dtype=self.dtype, device=self.device)
         # Assigned from the last test to the first, so that the first failing test names the step's reason.
         if c.grad_norm_factor:
             code = torch.where(armed & (grad_norm > c.grad_norm_factor * median), GRAD_FACTOR, code)
@@ -74,7 +77,7 @@ class SpikeGuard:
         if check_grad_finite:
             code = torch.where(grad_norm.isfinite(), code, NAN_GRAD)
         code = torch.where(loss.isfinite(), code, NAN_LOSS)
-        return torch.stack([code, loss, grad_norm, mean, std, median, torch.zeros_like(code)])
+        return torch.stack([code, loss, grad_norm, mean, std, median, torch.zeros_like(code), code])
 
     @torch.no_grad()
     def update(self, verdict: torch.Tensor) -> None:
@@ -97,11 +100,13 @@ class SpikeGuard:
             self.grad_norms.masked_fill_(shifted, math.nan)
             self.head = torch.where(shifted, 0, self.head)
             self.consecutive = torch.where(shifted, 0, self.consecutive)
-            verdict[REBASELINED] = shifted.double()
+            verdict[REBASELINED] = shifted.to(self.dtype)
 
     def reason(self, verdict: list[float]) -> str | None:
         """Why a step was bad, from its verdict read back to the host; None for a good step."""
         code, loss, grad_norm, mean, std, median = int(verdict[CODE]), *verdict[LOSS:REBASELINED]
+        if code != GOOD and int(verdict[LOCAL_CODE]) == GOOD:
+            return "a bad step on another rank"
         c = self.cfg
         return {
             GOOD: None,
@@ -150,13 +155,17 @@ class SpikeGuard:
                 "skipped": list(self.skipped), "counts": dict(self.counts), "lr_scaled_until": self.lr_scaled_until}
 
     def load_state_dict(self, state: dict) -> None:
-        if "head" in state:
-            for name in ("losses", "grad_norms"):
-                values = [math.nan if v is None else v for v in state[name]]
-                getattr(self, name).copy_(torch.tensor(values, dtype=torch.float64))
+        losses, grad_norms = state["losses"], state["grad_norms"]
+        if "head" in state and len(losses) == self.cfg.window:
+            for name, values in (("losses", losses), ("grad_norms", grad_norms)):
+                values = [math.nan if v is None else v for v in values]
+                getattr(self, name).copy_(torch.tensor(values, dtype=self.dtype))
             self.head.fill_(state["head"])
-        else:  # checkpoints before the guard moved to the device: the good steps' values, oldest first
-            for loss, grad_norm in zip(state["losses"], state["grad_norms"], strict=True):
+        else:  # an earlier format (good steps' values, oldest first), or another guard.window: the newest values
+            if "head" in state:
+                order = [*range(state["head"], len(losses)), *range(state["head"])]  # the ring, oldest first
+                losses, grad_norms = ([ring[i] for i in order if ring[i] is not None] for ring in (losses, grad_norms))
+            for loss, grad_norm in zip(losses[-self.cfg.window:], grad_norms[-self.cfg.window:], strict=True):
                 self.update(self.check(0, loss, grad_norm))
         self.consecutive.fill_(int(state.get("consecutive", 0)))
         self.spike_steps = list(state["spike_steps"])
