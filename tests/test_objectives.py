@@ -509,11 +509,12 @@ def _fim_benchmark():
 
 
 @pytest.mark.slow
-def test_fim_beats_clm_at_infilling_held_out_functions(tmp_path):
+def test_fim_beats_clm_on_the_loss_of_middles(tmp_path):
     """The tiny preset trained for the same steps on the same code, tokenizer and seed with each objective: on
-    functions of held-out files, FIM (PSM prompt) has the lower loss on middles and the higher exact match of
-    single-line infills than CLM given the prefix (benchmarks/fim.py, smaller; at this scale its exact matches are
-    docstring closers, which the suffix gives away; docs/objectives.md has the larger runs)."""
+    functions of held-out files, FIM (SPM prompt: the middle continues the prefix) has a lower loss on middles than
+    CLM given the prefix (benchmarks/fim.py, smaller). At 150 steps this held for every seed and learning rate tried
+    (by 0.03 to 0.26 nats); the PSM prompt's loss and the single-line exact match did not: both flipped with the seed,
+    and with a one-ulp change in the clipping coefficient. docs/objectives.md has the larger runs."""
     code = shared_file("cpython-3.11.7-stdlib-code.jsonl")
     bench = _fim_benchmark()
     prepared = bench.prepare_corpus(code, tmp_path / "data", 4096, 0.05, 4_000_000)
@@ -522,7 +523,5 @@ def test_fim_beats_clm_at_infilling_held_out_functions(tmp_path):
     overrides = bench.run_overrides(150, 1337, ["train.batch_size=8", "optim.warmup_steps=10"])
     bench.train_both(prepared, tmp_path, overrides)
     functions = bench.held_out_functions(code, 0.05, 400, 100, seed=1337)
-    scores = bench.compare(tmp_path, functions, seed=1337, layouts=("clm", "fim"), cuts_per_function=2)
-    clm, fim = scores["clm"], scores["fim"]
-    assert fim["middle_loss"] < clm["middle_loss"] - 0.1, scores
-    assert fim["line_exact_match"] > clm["line_exact_match"], scores
+    scores = bench.compare(tmp_path, functions, seed=1337, layouts=("clm", "fim_spm"), cuts_per_function=2)
+    assert scores["fim_spm"]["middle_loss"] < scores["clm"]["middle_loss"], scores
