@@ -123,6 +123,7 @@ def source_name(path: str) -> str:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | muon: Muon for the blocks' matrices, AdamW for the rest (train/optim.py)
     lr: float = 5e-4
     min_lr: float = 5e-5
     warmup_steps: int = 0
@@ -134,6 +135,12 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    muon_lr: float | None = None  # muon: its peak learning rate; None: optim.lr (with muon_adjust_lr's RMS matching)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float | None = None  # None: optim.weight_decay
+    # torch.optim.Muon's adjust_lr_fn: match_rms_adamw (update RMS of AdamW's, so AdamW's lr and weight decay carry
+    # over: Moonlight) | original (Keller Jordan's sqrt(max(1, rows / cols)))
+    muon_adjust_lr: str = "match_rms_adamw"
 
 
 @dataclass
@@ -410,6 +417,16 @@ def validate(cfg: Config) -> None:
     for key in ("beta1", "beta2"):
         _require(0 <= getattr(o, key) < 1, f"optim.{key}", f"must be in [0, 1), got {getattr(o, key)}")
     _require(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
+    _require(o.name in ("adamw", "muon"), "optim.name", f"unknown optimizer {o.name!r} (adamw or muon)")
+    _require(o.muon_lr is None or o.muon_lr > 0, "optim.muon_lr", f"must be positive, got {o.muon_lr}")
+    _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", f"must be in [0, 1), got {o.muon_momentum}")
+    _require(o.muon_weight_decay is None or o.muon_weight_decay >= 0, "optim.muon_weight_decay",
+             f"must be >= 0, got {o.muon_weight_decay}")
+    _require(o.muon_adjust_lr in ("match_rms_adamw", "original"), "optim.muon_adjust_lr",
+             f"unknown adjustment {o.muon_adjust_lr!r} (match_rms_adamw or original)")
+    _require(o.name != "muon" or (p.mode == "ddp" and p.tensor_parallel == 1), "optim.name",
+             "muon orthogonalises whole matrices, which FSDP2 and tensor parallelism shard: use parallel.mode=ddp "
+             "without tensor_parallel (pipeline parallelism works), or optim.name=adamw")
     _require(d.layout in ("packed", "padded"), "data.layout", f"unknown layout {d.layout!r} (packed or padded)")
     _require(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     _require(bool(d.path), "data.path", "must name a file, directory, glob or builtin:python-docs")

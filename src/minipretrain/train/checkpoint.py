@@ -46,6 +46,7 @@ from minipretrain.fileio import fsync_path, new_directory, sha256_file, write_at
 from minipretrain.model import MiniMind
 from minipretrain.parallel import World
 from minipretrain.tokenizer import Tokenizer
+from minipretrain.train.optim import optimizer_list
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
@@ -135,7 +136,7 @@ class CheckpointSaver:
         world.barrier()
         try:
             torch.save(capture_rng(world.device), tmp / f"rng_{world.rank:05d}.pt")
-            model_state, optimizer_state = get_state_dict(model, optimizer)
+            model_state, optimizer_state = get_state_dict(model, optimizer_list(optimizer))
             state = {"model": model_state, "optimizer": optimizer_state}
             tied = _tied_copies(model_state)  # before copying, which unties them
             if world.is_main:
@@ -348,10 +349,11 @@ def load_weights_and_optimizer(ckpt: Path, model: torch.nn.Module, optimizer: to
     if not (ckpt / DCP_DIR).is_dir():
         raise CheckpointError(f"{ckpt} has no {DCP_DIR}/ directory (it was written by an older minipretrain): its "
                               "weights work with generate, eval and export, but training cannot resume from it")
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer_list(optimizer))
     state = {"model": model_state, "optimizer": optimizer_state}
     _dcp_load(state, ckpt, world)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer_list(optimizer), model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
 
 
 def consolidate(path: str | Path, out: str | Path | None = None) -> Path:

@@ -27,7 +27,7 @@ from minipretrain import moe
 from minipretrain.config import Config, ModelConfig
 from minipretrain.data.dataset import RUN_DATA_DIR, check_objective_tokenizer, load_run_data
 from minipretrain.data.prefetch import StepLoader
-from minipretrain.errors import CheckpointError, Preempted, UserError
+from minipretrain.errors import CheckpointError, ConfigError, Preempted, UserError
 from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.fileio import DirectoryLock
 from minipretrain.generate import complete
@@ -52,7 +52,7 @@ from minipretrain.precision import (
 from minipretrain.tokenizer import Tokenizer
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.metrics import MetricsLog
-from minipretrain.train.optim import build_optimizer
+from minipretrain.train.optim import build_optimizer, set_learning_rate
 from minipretrain.train.preemption import SaveTimer, StopSignals
 from minipretrain.train.schedule import lr_at
 from minipretrain.train.stability import CODE, REBASELINED, Snapshot, SpikeGuard
@@ -127,8 +127,13 @@ def _same_path(a: str | Path, b: str | Path) -> bool:
 
 
 def _check_resumable(ckpt: Path, cfg: Config) -> dict:
-    """The checkpoint's training state, if this config can continue it (same model, steps left)."""
-    _check_same_model(ckpt_io.read_checkpoint_config(ckpt).model, cfg.model, ckpt)
+    """The checkpoint's training state, if this config can continue it (same model and optimizer, steps left)."""
+    saved = ckpt_io.read_checkpoint_config(ckpt)
+    _check_same_model(saved.model, cfg.model, ckpt)
+    if saved.optim.name != cfg.optim.name:  # their states hold different tensors (Adam moments, Muon momentum)
+        raise CheckpointError(f"cannot resume from {ckpt} with optim.name={cfg.optim.name}: it was trained with "
+                              f"{saved.optim.name}; resume with --set optim.name={saved.optim.name}, or start a new "
+                              "run from its weights with train.init_from")
     state = ckpt_io.load_train_state(ckpt)
     if state["step"] >= cfg.train.max_steps:  # before the trackers continue their runs, and before the data work
         raise UserError(f"{ckpt} is already at step {state['step']} >= train.max_steps={cfg.train.max_steps}: "
@@ -207,6 +212,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     precision = resolve_precision(t.dtype, device)  # before the run directory is touched: a refusal loses nothing
     amp_dtype = precision.dtype
     check_parallel_precision(world, cfg.parallel, amp_dtype)
+    if cfg.optim.name == "muon" and amp_dtype == torch.float16:
+        raise ConfigError("optim.name=muon does not take an fp16 gradient scaler here: train with bfloat16 (the "
+                          "default on GPUs that support it) or optim.name=adamw")
     if resume and branch_from:
         raise UserError("--resume continues a run in its own directory, --branch-from starts a new one from "
                         "another run's checkpoint: pass one of them")
@@ -442,8 +450,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
         while step < t.max_steps:
             step_start, waited = time.perf_counter(), loader.wait_s
             lr = lr_at(step, cfg.optim, t.max_steps) * guard.lr_scale(step + 1)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr, cfg.optim)
             data = loader.next()
             # Nothing in here reads a number back from the device (train/step.py): a GPU runs ahead of Python.
             step_loss, aux_loss = accumulate_gradients(step_model, data.micro_batches, autocast, scaler, world,

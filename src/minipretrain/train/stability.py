@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from minipretrain.config import GuardConfig
 from minipretrain.precision import exact_dtype
 from minipretrain.train.checkpoint import cpu_copy
+from minipretrain.train.optim import optimizer_list
 
 MIN_HISTORY = 10  # good steps needed before the running statistics are trusted
 # A verdict: one device tensor (float64; float32 on MPS) with these fields. CODE 0 is a good step, else why it is
@@ -186,7 +187,8 @@ class Snapshot:
         self._state = None
 
     def take(self, step: int, model, optimizer, scaler, draws: list[int]) -> None:
-        model_state, optimizer_state = get_state_dict(model, optimizer, options=StateDictOptions(cpu_offload=True))
+        model_state, optimizer_state = get_state_dict(model, optimizer_list(optimizer),
+                                                      options=StateDictOptions(cpu_offload=True))
         self._state = cpu_copy({"model": model_state, "optimizer": optimizer_state, "scaler": scaler.state_dict()})
         self.step, self.draws = step, list(draws)
 
@@ -194,6 +196,7 @@ class Snapshot:
         # A fresh copy each time: loading may keep references to the tensors it is given (the optimizer state
         # does), and the snapshot must stay intact for a later rollback.
         state = cpu_copy(self._state)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(model, optimizer_list(optimizer), model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
