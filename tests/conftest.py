@@ -61,6 +61,8 @@ def tiny_config(*overrides: str):
                          "train.eval_batches=2", "train.save_every=0", "train.sample_tokens=8", "train.device=cpu",
                          "train.dtype=float32", "optim.lr=3e-3", "optim.warmup_steps=2", "data.val_fraction=0.05",
                          "data.prepare_workers=1"]
+    if any(o.startswith("train.epochs=") for o in overrides):  # the run's length given the other way
+        base.remove("train.max_steps=6")
     return load_config(None, base + list(overrides))
 
 

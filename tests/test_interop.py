@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -282,3 +283,64 @@ def test_export_without_transformers_names_the_extra(tmp_path, tokenizer_dir, ca
     assert_cli_errors({"--verify needs transformers, which is not installed: pip install 'minipretrain[hf]'":
                        ["export", "hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "hf2"), "--verify"]}, capsys)
     assert not (tmp_path / "hf2").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_export_minimind_loads_in_minimind_with_equal_logits(tmp_path, capsys, moe):
+    """A MiniMind-3-layout checkpoint written as MiniMind's trainer saves its weights: MiniMind's own model class,
+    built from --hidden_size / --num_hidden_layers / --use_moe alone, loads it strictly and computes our logits."""
+    peer = _peer_minimind()
+    width = 64 * math.ceil(64 * math.pi / 64)  # MiniMind-3's SwiGLU width at hidden 64
+    moe_keys = ("model.moe=true", "model.num_experts=4", "model.num_experts_per_tok=1", "model.num_shared_experts=0",
+                f"model.moe_intermediate_size={width}") if moe else ()
+    cfg = tiny_config("model.vocab_size=6400", "model.hidden_size=64", "model.num_attention_heads=8",
+                      "model.num_key_value_heads=4", "model.qk_norm=true", f"model.intermediate_size={width}",
+                      "model.rms_norm_eps=1e-6", *moe_keys)
+    torch.manual_seed(0)
+    ours = MiniMind(cfg.model)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    ckpt = write_model_checkpoint(tmp_path / "ckpt", ours, cfg, Tokenizer.load(PEER_MODEL))
+    out = tmp_path / "out" / f"pretrain_64{'_moe' if moe else ''}.pth"
+    main(["export", "minimind", "--ckpt", str(ckpt), "--out", str(out)])
+    assert f"--hidden_size 64 --num_hidden_layers 2{' --use_moe 1' if moe else ''}" in capsys.readouterr().out
+    weights = torch.load(out, weights_only=True)
+    assert {v.dtype for v in weights.values()} == {torch.float16}
+    model = peer.MiniMindForCausalLM(peer.MiniMindConfig(hidden_size=64, num_hidden_layers=2, use_moe=moe)).eval()
+    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)  # every name, every shape
+    rounded = MiniMind(cfg.model).eval()
+    rounded.load_state_dict({k.removeprefix("model."): v.float() for k, v in weights.items()})
+    ids = torch.randint(3, 6400, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (rounded(ids).logits - model(ids).logits).abs().max() < 1e-4
+        assert (ours.eval()(ids).logits - model(ids).logits).abs().max() < 0.05  # fp16 rounding of the weights
+
+
+def test_export_minimind_refuses_other_layouts_and_existing_files(tmp_path, tokenizer_dir, capsys):
+    ckpt = random_checkpoint(tmp_path / "ckpt", tokenizer_dir)  # the tiny test model: 4 heads, no QK-norm, ...
+    (tmp_path / "taken.pth").write_bytes(b"")
+    assert_cli_errors({
+        "is not MiniMind-3's layout": ["export", "minimind", "--ckpt", str(ckpt), "--out", str(tmp_path / "a.pth")],
+        "model.num_attention_heads is 4, MiniMind's is 8": ["export", "minimind", "--ckpt", str(ckpt), "--out",
+                                                             str(tmp_path / "b.pth")],
+        "already exists": ["export", "minimind", "--ckpt", str(ckpt), "--out", str(tmp_path / "taken.pth")],
+        "MiniMind's trainer loads .pth files": ["export", "minimind", "--ckpt", str(ckpt), "--out",
+                                                str(tmp_path / "c.bin")],
+    }, capsys)
+    assert not (tmp_path / "a.pth").exists()
+
+
+def test_import_minimind_refuses_a_pth_that_would_run_code(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from test_train import EVIL
+
+    pth, marker = tmp_path / "pretrain_768.pth", tmp_path / "pwned"
+    subprocess.run([sys.executable, "-c", EVIL, str(pth), str(marker)], check=True)
+    assert_cli_errors({f"refusing to load {pth}: it holds non-tensor objects (posix.system); the file may be "
+                       "tampered with": ["import", "minimind", "--pth", str(pth), "--tokenizer", str(PEER_MODEL),
+                                         "--out", str(tmp_path / "ck")]}, capsys)
+    assert not marker.exists() and not (tmp_path / "ck").exists()

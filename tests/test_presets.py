@@ -3,6 +3,7 @@ comments state (the batches sized with the memory planner for an 80 GiB GPU)."""
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -73,6 +74,21 @@ def test_minimind2_104m_parameter_count_and_sequence_length():
     # MiniMind's published figure for MiniMind2 is 104.03M
     assert model.num_parameters() / 1e6 == pytest.approx(104.03, abs=0.01)
     assert cfg.train.seq_len == 1024
+
+
+@pytest.mark.parametrize("name, millions", [
+    ("minimind2-26m", 25.83),  # MiniMind's published figures: MiniMind2-Small, MiniMind2, minimind-3
+    ("minimind2-104m", 104.03),
+    ("minimind3-64m", 63.91),
+    ("minimind3-30m", 30.03),  # the same layout at hidden 512
+])
+def test_minimind_presets_have_minimind_parameter_counts(name, millions):
+    cfg, model = _model(name)
+    assert model.num_parameters() / 1e6 == pytest.approx(millions, abs=0.005)
+    if name.startswith("minimind3"):  # MiniMind-3's layout: QK-norm, 8 / 4 heads, SwiGLU width 64 * ceil(pi * h / 64)
+        m = cfg.model
+        assert (m.qk_norm, m.num_attention_heads, m.num_key_value_heads, m.rms_norm_eps) == (True, 8, 4, 1e-6)
+        assert m.intermediate_size == 64 * math.ceil(math.pi * m.hidden_size / 64)
 
 
 @pytest.mark.parametrize("name", ["llama-124m", "minimind2-104m"])

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL, assert_cli_errors, data_overrides, shared_file, step_losses, tiny_config, train_cmd
 
-from minipretrain.errors import CheckpointError, DataError, UserError
+from minipretrain.errors import CheckpointError, ConfigError, DataError, UserError
 from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.loop import train
 from minipretrain.train.metrics import read_metrics
@@ -528,3 +529,103 @@ def test_a_branch_with_a_new_mixture_carries_the_unchanged_sources_over():
     assert reweighted.load_state_dict(new.state_dict(), carry_over=True) == ["en", "zh"]  # same sources, new weights
     sources = [source for source, _, _ in reweighted.next_samples(10)]
     assert sources.count(0) == 5  # 50/50 from the branch on, not a catch-up run of one source
+
+
+EVIL = """
+import os, sys, torch
+
+class Evil:
+    def __reduce__(self):  # unpickling this runs a command
+        return (os.system, (f"touch {sys.argv[2]}",))
+
+torch.save({"step": 2, "evil": Evil()}, sys.argv[1])
+"""
+
+
+def test_a_tampered_train_state_is_refused_in_one_line_and_never_runs(tmp_path, shakespeare, tokenizer_dir, capsys):
+    """A train_state.pt replaced by a pickle that calls os.system, its checksum updated to match (a tamperer would):
+    --resume refuses it in one line naming the file and the object, and the command never runs."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from minipretrain.cli import main
+
+    cfg = tiny_config(*data_overrides(shakespeare, tokenizer_dir), "train.max_steps=2")
+    train(cfg, tmp_path / "run", show_progress=False)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    marker = tmp_path / "pwned"
+    subprocess.run([sys.executable, "-c", EVIL, str(ckpt / "train_state.pt"), str(marker)], check=True)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"]["train_state.pt"] = hashlib.sha256((ckpt / "train_state.pt").read_bytes()).hexdigest()
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--run-dir", str(tmp_path / "run"), "--resume", "--set", "train.max_steps=4", "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err == (f"error: refusing to load {ckpt / 'train_state.pt'}: it holds non-tensor objects (posix.system); "
+                   "the file may be tampered with\n")
+    assert not marker.exists()
+
+
+def test_epochs_set_the_run_length_and_a_resume_keeps_it(tmp_path, shakespeare, tokenizer_dir, capsys, monkeypatch):
+    import math
+
+    from minipretrain.config import load_config
+    from minipretrain.train.schedule import steps_for_epochs
+
+    assert steps_for_epochs(2.0, rows=1000, rows_per_step=64) == 32  # 31.25: a partial last step counts
+    assert steps_for_epochs(0.001, rows=1000, rows_per_step=64) == 1
+    sets = [*data_overrides(shakespeare, tokenizer_dir), "train.batch_size=4", "train.grad_accum=2",
+            "train.save_every=2"]
+    cfg = tiny_config(*sets, "train.epochs=0.05")
+    train(cfg, tmp_path / "run", show_progress=False)
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("train.epochs=0.05:"))
+    rows = int(line.split(": ")[1].split(" training rows")[0].replace(",", ""))
+    expected = math.ceil(0.05 * rows / 8)
+    assert line.endswith(f"x 0.05 = {expected} steps") and rows > 2000 and expected > 10
+    recorded = load_config(tmp_path / "run" / "config.toml").train
+    assert (recorded.max_steps, recorded.epochs) == (expected, None)  # the resolved length, what a resume reads
+    assert max(step_losses(tmp_path / "run")) == expected
+    # a crash mid-run, then --resume from the run's own config: it ends at the same step
+    from test_stability import Faults
+
+    Faults(monkeypatch, {10: "crash"})  # after the save at step 8
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train(cfg, tmp_path / "crashed", show_progress=False)
+    monkeypatch.undo()
+    summary = train(load_config(tmp_path / "crashed" / "config.toml"), tmp_path / "crashed", resume=True,
+                    show_progress=False)
+    assert summary["steps"] == expected and step_losses(tmp_path / "crashed") == step_losses(tmp_path / "run")
+
+
+def test_a_mixture_epoch_is_a_pass_over_all_its_rows(tmp_path, shakespeare, tokenizer_dir, capsys):
+    half = tmp_path / "half.txt"
+    half.write_text(shakespeare.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    sources = (f'data.sources=[{{path = {json.dumps(str(shakespeare))}}}, {{path = {json.dumps(str(half))}, '
+               'weight = 3.0}]')
+    cfg = tiny_config(sources, f"data.tokenizer={json.dumps(str(tokenizer_dir))}", "train.epochs=0.002")
+    train(cfg, tmp_path / "run", show_progress=False)
+    out = capsys.readouterr().out
+    counts = [int(re.search(r"([\d,]+) rows of", line).group(1).replace(",", "")) for line in out.splitlines()
+              if line.startswith("train ") and " rows of " in line]
+    line = next(line for line in out.splitlines() if line.startswith("train.epochs="))
+    assert len(counts) == 2 and line.startswith(f"train.epochs=0.002: {sum(counts):,} training rows")
+
+
+def test_epochs_and_max_steps_are_one_or_the_other(tmp_path):
+    from minipretrain.config import load_config
+
+    with pytest.raises(ConfigError, match=r"train\.epochs and train\.max_steps both set"):
+        tiny_config("train.epochs=1", "train.max_steps=10")
+    with pytest.raises(ConfigError, match=r"train\.epochs: must be positive"):
+        tiny_config("train.epochs=0")
+    preset = load_config(Path(__file__).parents[1] / "configs" / "tiny.toml", ["train.epochs=2"]).train
+    # the preset's max_steps gives way
+    assert preset.epochs == 2.0
+    both = tmp_path / "both.toml"
+    both.write_text("[train]\nepochs = 1.0\nmax_steps = 5\n")
+    with pytest.raises(ConfigError, match=r"both\.toml: train\.epochs and train\.max_steps both set"):
+        load_config(both)
+    assert load_config(both, ["train.max_steps=7"]).train.max_steps == 7  # --set of one replaces the file's other

@@ -254,6 +254,18 @@ def cmd_export_hf(args) -> None:
         print(f"verified: transformers' logits equal minipretrain's (max abs difference {difference:.2e})")
 
 
+def cmd_export_minimind(args) -> None:
+    from minipretrain.interop.minimind import export_minimind
+
+    out = Path(args.out)
+    _require(not out.exists(), f"--out {out} already exists: choose a new file (e.g. out/pretrain_768.pth)")
+    _require(out.suffix == ".pth", f"--out {out}: MiniMind's trainer loads .pth files (e.g. out/pretrain_768.pth)")
+    out, flags = export_minimind(args.ckpt, out)
+    print(f"wrote {out} (fp16 state dict): MiniMind's trainer builds the model with {flags}; put it in its out/ "
+          f"directory as pretrain_<hidden_size>{'_moe' if '--use_moe' in flags else ''}.pth for eval_llm.py "
+          "--weight pretrain or train_full_sft.py --from_weight pretrain")
+
+
 def cmd_import_hf(args) -> None:
     from minipretrain.interop.hf import import_hf
 
@@ -363,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="load the export in transformers and check its logits equal ours (needs minipretrain[hf])")
     p.set_defaults(func=cmd_export_hf)
+    p = export.add_parser("minimind", help="a .pth for MiniMind's own eval_llm.py and SFT trainer (MiniMind-3 layout)")
+    p.add_argument("--ckpt", required=True, help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--out", required=True, help="a new .pth file, e.g. ../minimind/out/pretrain_768.pth")
+    p.set_defaults(func=cmd_export_minimind)
     imp = sub.add_parser("import", help="make a checkpoint from another framework's weights").add_subparsers(
         dest="import_command", required=True)
     p = imp.add_parser("hf", help="a transformers Llama / Qwen3 / Qwen3-MoE / Mixtral directory (safetensors)")

@@ -146,6 +146,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
+    # The run's length in passes over the training data instead: max_steps is derived from the data's rows, the
+    # global batch and this, once the data is known (a mixture's epoch is a pass over all its sources' rows).
+    epochs: float | None = None
     batch_size: int = 4  # per device
     seq_len: int = 512
     grad_accum: int = 1
@@ -316,6 +319,8 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
                 )
             checked[key] = _check_type(f"{section}.{key}", value, hints[key])
         sections[section] = cls(**checked)
+    if {"epochs", "max_steps"} <= raw.get("train", {}).keys():
+        raise ConfigError(f"{source}: train.epochs and train.max_steps both set: give the run's length one way")
     cfg = Config(**sections)
     if cfg.train.objective == "mlm" and "attention" not in raw.get("model", {}):
         cfg.model.attention = "bidirectional"  # the model's own setting, so config.toml and every tool see it
@@ -334,12 +339,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    lengths = {"epochs", "max_steps"}  # two ways to give a run's length: an override of one replaces the file's other
+    overridden = set()
     for item in overrides:
         key, sep, text = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not name or not section:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=3e-4")
+        if section == "train" and name in lengths:
+            overridden.add(name)
         raw.setdefault(section, {})[name] = _parse_value(text.strip())
+    if len(overridden) == 1:
+        raw["train"].pop((lengths - overridden).pop(), None)
     return config_from_dict(raw, source=str(path) if path else "config")
 
 
@@ -360,6 +371,7 @@ def validate(cfg: Config) -> None:
         for key in keys:
             value = getattr(getattr(cfg, section), key)
             _require(value > 0, f"{section}.{key}", f"must be positive, got {value}")
+    _require(t.epochs is None or t.epochs > 0, "train.epochs", f"must be positive, got {t.epochs}")
     for key in ("eval_every", "sample_every", "save_every", "sample_tokens"):
         _require(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 means only at the end)")
     _require(m.hidden_size % m.num_attention_heads == 0, "model.hidden_size",

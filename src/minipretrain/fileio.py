@@ -1,9 +1,11 @@
-"""Small file helpers shared by checkpoints and token shards: checksums and durable writes."""
+"""Small file helpers shared by checkpoints and token shards: checksums, durable writes, weights-only loading."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 import shutil
 import socket
 import time
@@ -11,7 +13,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from minipretrain.errors import UserError
+from minipretrain.errors import CheckpointError, UserError
+
+
+def load_weights_only(path: Path):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers of them, never code. A file that
+    holds anything else (a pickle that calls os.system, say) is refused in one line naming the object, instead of
+    torch's message, which suggests loading it with weights_only=False."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = refused.group(1) if refused else (str(e).strip().splitlines() or ["an object"])[0]
+        raise CheckpointError(f"refusing to load {path}: it holds non-tensor objects ({what}); the file may be "
+                              "tampered with") from None
+    except Exception as e:  # a truncated or foreign file: zip, EOF and runtime errors have no common base class
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {first})") from None
 
 
 def sha256_file(path: Path) -> str:

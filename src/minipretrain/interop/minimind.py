@@ -1,7 +1,9 @@
 """Import the weights MiniMind's own trainer writes: `torch.save({k: v.half() for k, v in state_dict})`, a `.pth`
-(`pretrain_768.pth`, `pretrain_512_moe.pth`, ...), or its `*_resume.pth` (the weights under "model").
+(`pretrain_768.pth`, `pretrain_512_moe.pth`, ...), or its `*_resume.pth` (the weights under "model"); and export a
+checkpoint as such a `.pth`, for MiniMind's eval_llm.py and SFT trainer (`--from_weight`).
 
     import_minimind("out/pretrain_768.pth", "../minimind/model", "imported/mm3")
+    export_minimind("runs/64m", "../minimind/out/pretrain_768.pth")
 
 MiniMind's names are Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight` tied), so the
 import is a rename. The file holds no config: the shape is read from the tensors (hidden size, layers, heads from
@@ -14,12 +16,15 @@ Loading uses `torch.load(weights_only=True)`: a .pth cannot run code.
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 import torch
 
 from minipretrain.config import load_config, toml_value
 from minipretrain.errors import UserError
+from minipretrain.fileio import load_weights_only
 from minipretrain.interop.hf import check_tied, load_checked
 from minipretrain.model import MiniMind
 from minipretrain.tokenizer import Tokenizer
@@ -32,10 +37,7 @@ def read_pth(path: Path) -> dict[str, torch.Tensor]:
     """The weights of a MiniMind .pth, names without the `model.` prefix, the tied head dropped."""
     if not path.is_file():
         raise UserError(f"--pth {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors have no common base class
-        raise UserError(f"--pth {path} cannot be read as a weights-only state dict ({type(e).__name__}: {e})") from None
+    state = load_weights_only(path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a *_resume.pth
         state = state["model"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
@@ -95,3 +97,41 @@ def import_minimind(pth: str | Path, tokenizer_dir: str | Path, out: str | Path,
     model = MiniMind(cfg.model)
     load_checked(model, state, f"--pth {pth}")
     return write_model_checkpoint(out, model, cfg, tokenizer)
+
+
+def minimind_layout(m) -> dict:
+    """What MiniMind-3's trainer builds from `--hidden_size H --num_hidden_layers L [--use_moe 1]` alone (its
+    MiniMindConfig defaults): the model keys an exported checkpoint must have for its weights to mean the same."""
+    layout = {"vocab_size": 6400, "num_attention_heads": 8, "num_key_value_heads": 4, "qk_norm": True,
+              "intermediate_size": 64 * math.ceil(m.hidden_size * math.pi / 64), "rms_norm_eps": 1e-6,
+              "rope_theta": 1e6, "attention": "causal"}
+    if m.moe:
+        layout.update(num_experts=4, num_experts_per_tok=1, num_shared_experts=0, norm_topk_prob=True,
+                      moe_intermediate_size=layout["intermediate_size"], router_bias_update_rate=0.0)
+    return layout
+
+
+def export_minimind(ckpt_path: str | Path, out: str | Path) -> tuple[Path, str]:
+    """Write a checkpoint's weights as MiniMind's trainer saves them (fp16, `model.` names, the tied `lm_head.weight`
+    beside the embedding) to the new file `out`; returns it and the MiniMind flags that rebuild the model. Only
+    MiniMind-3's layout is exported (the presets minimind3-30m, minimind3-64m and minimind3-moe): another layout is
+    refused with the keys that differ, since MiniMind's code would build a different model around the weights."""
+    from minipretrain.train.checkpoint import load_model_from_checkpoint
+
+    out = Path(out)
+    model, _, cfg, ckpt = load_model_from_checkpoint(ckpt_path)
+    m = cfg.model
+    wrong = [f"model.{k} is {getattr(m, k)!r}, MiniMind's is {v!r}" for k, v in minimind_layout(m).items()
+             if getattr(m, k) != v]
+    if wrong:
+        raise UserError(f"{ckpt} is not MiniMind-3's layout, which MiniMind's trainer builds from --hidden_size, "
+                        f"--num_hidden_layers and --use_moe alone: {'; '.join(wrong)} (train from "
+                        "configs/minimind3-64m.toml, -30m or -moe to export)")
+    state = {k if k == "lm_head.weight" else f"model.{k}": v.detach().half().contiguous()
+             for k, v in model.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out)  # never a half-written .pth under the final name
+    flags = f"--hidden_size {m.hidden_size} --num_hidden_layers {m.num_hidden_layers}"
+    return out, flags + (" --use_moe 1" if m.moe else "")

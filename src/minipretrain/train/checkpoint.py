@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_map
 
 from minipretrain.config import Config, ModelConfig, load_config
 from minipretrain.errors import CheckpointError
-from minipretrain.fileio import fsync_path, new_directory, sha256_file, write_atomic
+from minipretrain.fileio import fsync_path, load_weights_only, new_directory, sha256_file, write_atomic
 from minipretrain.model import MiniMind
 from minipretrain.parallel import World
 from minipretrain.tokenizer import Tokenizer
@@ -322,15 +322,8 @@ def read_checkpoint_config(ckpt: Path) -> Config:
     return load_config(ckpt / "config.toml")
 
 
-def _load_tensors(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors have no common base class
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
-
-
 def load_train_state(ckpt: Path) -> dict:
-    return _load_tensors(ckpt / STATE_FILE)
+    return load_weights_only(ckpt / STATE_FILE)
 
 
 def restore_rng_of_rank(ckpt: Path, world: World = World()) -> bool:
@@ -338,7 +331,7 @@ def restore_rng_of_rank(ckpt: Path, world: World = World()) -> bool:
     files = sorted(ckpt.glob("rng_*.pt"))
     if len(files) != world.size:
         return False
-    restore_rng(_load_tensors(files[world.rank]), world.device)
+    restore_rng(load_weights_only(files[world.rank]), world.device)
     return True
 
 

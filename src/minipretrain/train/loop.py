@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ from minipretrain.train import checkpoint as ckpt_io
 from minipretrain.train.metrics import MetricsLog
 from minipretrain.train.optim import build_optimizer, set_learning_rate
 from minipretrain.train.preemption import SaveTimer, StopSignals
-from minipretrain.train.schedule import lr_at
+from minipretrain.train.schedule import lr_at, steps_for_epochs
 from minipretrain.train.stability import CODE, REBASELINED, Snapshot, SpikeGuard
 from minipretrain.train.step import StepWindow, accumulate_gradients, finish_step, unscale_and_clip
 from minipretrain.train.trackers import TRACKER_DIRS, TRACKERS_FILE, Trackers, check_loggers
@@ -135,10 +135,26 @@ def _check_resumable(ckpt: Path, cfg: Config) -> dict:
                               f"{saved.optim.name}; resume with --set optim.name={saved.optim.name}, or start a new "
                               "run from its weights with train.init_from")
     state = ckpt_io.load_train_state(ckpt)
-    if state["step"] >= cfg.train.max_steps:  # before the trackers continue their runs, and before the data work
-        raise UserError(f"{ckpt} is already at step {state['step']} >= train.max_steps={cfg.train.max_steps}: "
-                        f"raise it (--set train.max_steps=N) to train further")
+    if cfg.train.epochs is None:  # before the trackers continue their runs, and before the data work
+        _check_steps_left(state["step"], cfg.train.max_steps, ckpt)
     return state
+
+
+def _check_steps_left(step: int, max_steps: int, ckpt: Path) -> None:
+    if step >= max_steps:
+        raise UserError(f"{ckpt} is already at step {step} >= train.max_steps={max_steps}: raise it "
+                        f"(--set train.max_steps=N, or train.epochs) to train further")
+
+
+def _resolve_epochs(cfg: Config, rows: int, dp_size: int, say) -> Config:
+    """train.epochs turned into train.max_steps, now that the training rows are known. The resolved config (steps,
+    no epochs) is what the run records, so a resume goes on to the same step whatever the data does."""
+    t = cfg.train
+    per_step = t.batch_size * t.grad_accum * dp_size
+    steps = steps_for_epochs(t.epochs, rows, per_step)
+    say(f"train.epochs={t.epochs:g}: {rows:,} training rows / {per_step:,} rows per step (batch {t.batch_size} x "
+        f"accumulation {t.grad_accum} x {dp_size} data-parallel) x {t.epochs:g} = {steps:,} steps")
+    return replace(cfg, train=replace(t, max_steps=steps, epochs=None))
 
 
 def _init_checkpoint(cfg: Config, resume) -> Path | None:
@@ -251,6 +267,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     data = _load_data(cfg, run_dir, Tokenizer.load(weights_from) if weights_from else None, show_progress, say,
                       world)
     tokenizer, batches, val_sets, fim_val_sets = data.tokenizer, data.sampler, data.val_sets, data.fim_val_sets
+    if t.epochs is not None:
+        cfg = _resolve_epochs(cfg, sum(len(rows) for rows in batches.rows), world.dp_size, say)
+        t = cfg.train
+        if state is not None:
+            _check_steps_left(state["step"], t.max_steps, ckpt)
     if main:
         (run_dir / "config.toml").write_text(cfg.to_toml())
 

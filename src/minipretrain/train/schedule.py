@@ -14,6 +14,12 @@ import math
 from minipretrain.config import OptimConfig
 
 
+def steps_for_epochs(epochs: float, rows: int, rows_per_step: int) -> int:
+    """The optimizer steps that pass `epochs` times over `rows` training rows, rows_per_step at a time (batch x
+    accumulation x data-parallel ranks); a partial last step counts."""
+    return max(1, math.ceil(epochs * rows / rows_per_step))
+
+
 def _minimind(step: int, lr: float, max_steps: int) -> float:
     return lr / 10 + 0.5 * lr * (1 + math.cos(math.pi * step / max_steps))
 

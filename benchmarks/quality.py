@@ -1,0 +1,117 @@
+"""What a fixed training budget buys: held-out bits per byte of one model shape over optimizers, learning rates,
+schedules and seeds.
+
+    python benchmarks/quality.py --out /tmp/quality                  # the default grid, 2 seeds
+    python benchmarks/quality.py --out /tmp/quality --tokens 300000 --seeds 1 --lrs 2e-3   # a quick look
+
+Every run is `minipretrain train` of one ~5M-parameter shape (the tiny preset widened: hidden 256, 6 layers, 8 heads /
+4 kv heads, vocab 4096, batch 16 x 256) on a fixed mixture from ../shared/data/ (English: tinyshakespeare; Chinese:
+Journey to the West; code: the CPython 3.11.7 standard library; a third each), for the same number of tokens. Then
+`minipretrain eval --dtype float32` scores each corpus's held-out documents (every 50th, never trained on), and the
+table gives their bits per byte together (summed nats over summed bytes): a tokenizer-independent compression rate.
+
+The grid: AdamW and Muon (optim.name) with a cosine schedule at each --lrs peak learning rate, and each with WSD at
+the preset's learning rate; --seeds seeds per cell (train.seed: initial weights, data order). Each cell reports the
+median over seeds and the spread (max - min). Finished runs found in --out are reused, so the grid can be grown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import continual  # benchmarks/ is on sys.path when a script in it runs: its data preparation and CLI helpers
+from throughput import cpu_description
+
+SHAPE = ["model.hidden_size=256", "model.num_hidden_layers=6", "model.num_attention_heads=8",
+         "model.num_key_value_heads=4", "train.batch_size=16", "train.seq_len=256"]
+MIXTURE = {"shakespeare": 1 / 3, "zh": 1 / 3, "code": 1 / 3}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("/tmp/minipretrain-quality"), help="data and runs (reused)")
+    p.add_argument("--tokens", type=int, default=1_200_000, help="training tokens per run (16 x 256 = 4,096 a step)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per cell")
+    p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="peak learning rates of the cosine cells")
+    p.add_argument("--wsd-lr", type=float, default=2e-3, help="the WSD cells' peak learning rate")
+    p.add_argument("--optimizers", default="adamw,muon")
+    p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "quality.json")
+    args = p.parse_args(argv)
+    if args.tokens < 4096 or args.seeds < 1:
+        p.error("--tokens must be at least one step (4,096) and --seeds at least 1")
+    return args
+
+
+def cells(args) -> list[dict]:
+    out = []
+    for optimizer in args.optimizers.split(","):
+        for lr in (float(v) for v in args.lrs.split(",")):
+            out.append({"optimizer": optimizer, "schedule": "cosine", "lr": lr})
+        out.append({"optimizer": optimizer, "schedule": "wsd", "lr": args.wsd_lr})
+    return out
+
+
+def overrides(cell: dict, seed: int, steps: int, prepared: dict, tokenizer: Path) -> list[str]:
+    return [*SHAPE, continual.sources(MIXTURE, prepared), f"data.tokenizer={json.dumps(str(tokenizer))}",
+            f"optim.name={cell['optimizer']}", f"optim.schedule={cell['schedule']}", f"optim.lr={cell['lr']}",
+            f"optim.min_lr={cell['lr'] / 10}", f"optim.warmup_steps={max(1, steps // 20)}",
+            f"train.max_steps={steps}", f"train.seed={seed}", "train.eval_every=0", "train.save_every=0",
+            "train.sample_every=0", "train.sample_tokens=1"]
+
+
+def bits_per_byte(scores: dict[str, dict]) -> float:
+    return sum(s["nats_with_bytes"] for s in scores.values()) / math.log(2) / sum(s["bytes"] for s in scores.values())
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = continual.train_tokenizer(args.out / "tokenizer", 0.02, 2_000_000, 4096)
+    prepared = {name: path for name, path in continual.prepare(args.out, tokenizer, 0.02).items() if name in MIXTURE}
+    steps = args.tokens // 4096
+    print(f"{steps} steps x 4,096 tokens per run; {cpu_description()}", flush=True)
+    grid, start = [], time.perf_counter()
+    for seed in range(1337, 1337 + args.seeds):  # seed-major: a partial grid already covers every cell once
+        for cell in cells(args):
+            name = f"{cell['optimizer']}-{cell['schedule']}-lr{cell['lr']:g}-seed{seed}"
+            summary, _ = continual.train(args.out / "runs" / name, overrides(cell, seed, steps, prepared, tokenizer))
+            scores = continual.evaluate(args.out / "runs" / name, prepared)
+            grid.append({**cell, "seed": seed, "bpb": bits_per_byte(scores), "train_s": summary["elapsed_s"],
+                         "bpb_by_corpus": {n: s["bits_per_byte"] for n, s in scores.items()}})
+            print(f"  {name}: {grid[-1]['bpb']:.4f} bits/byte ({summary['elapsed_s']:.0f} s)", flush=True)
+    rows = []
+    for cell in cells(args):
+        runs = [g for g in grid if all(g[k] == cell[k] for k in cell)]
+        values = [g["bpb"] for g in runs]
+        rows.append({**cell, "median_bpb": statistics.median(values), "spread": max(values) - min(values),
+                     "seeds": len(values), "median_train_s": statistics.median(g["train_s"] for g in runs)})
+    baseline = next(r for r in rows if r["optimizer"] == "adamw" and r["schedule"] == "cosine"
+                    and r["lr"] == args.wsd_lr) if "adamw" in args.optimizers else rows[0]
+    print(f"\n{datetime.date.today()}, {cpu_description()}: {steps} steps x 4,096 tokens = {steps * 4096:,} tokens "
+          f"per run, {args.seeds} seed(s) per cell; held-out bits per byte (English, Chinese, code together); "
+          f"against AdamW + cosine at {args.wsd_lr:g} (today's default)\n")
+    print("| optimizer | schedule | peak lr | median bits/byte | spread (max - min) | vs default | train s |\n"
+          + "|---" * 7 + "|")
+    for r in rows:
+        change = r["median_bpb"] / baseline["median_bpb"] - 1
+        print(f"| {r['optimizer']} | {r['schedule']} | {r['lr']:g} | {r['median_bpb']:.4f} | {r['spread']:.4f} | "
+              f"{change:+.1%} | {r['median_train_s']:.0f} |")
+    result = {"date": str(datetime.date.today()), "cpu": cpu_description(), "tokens_per_run": steps * 4096,
+              "steps": steps, "shape": SHAPE, "mixture": MIXTURE, "seeds": args.seeds, "rows": rows, "runs": grid,
+              "minutes": round((time.perf_counter() - start) / 60, 1),
+              "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
