@@ -9,6 +9,7 @@ import torch
 from conftest import TINY_MODEL, assert_cli_errors, shared_file
 
 from minipretrain.config import load_config
+from minipretrain.errors import UserError
 from minipretrain.plan import (
     PlanOptions,
     activation_bytes_per_token,
@@ -238,3 +239,13 @@ def test_measure_from_the_cli(capsys):
     assert plan["time"]["source"].startswith("measured") and measured["peak_rss_bytes"] > measured["peak_memory_bytes"]
     if not torch.cuda.is_available():
         assert measured["device"] == "cpu"
+
+
+def test_epochs_size_the_run_from_the_corpus(shakespeare, tokenizer_dir):
+    cfg = tiny(f"data.tokenizer={json.dumps(str(tokenizer_dir))}", "train.epochs=2")
+    plan = make_plan(cfg, PlanOptions(data=str(shakespeare)))
+    tokens, step_tokens = plan["corpus"]["tokens"], plan["batch"]["tokens_per_step"]
+    assert plan["batch"]["max_steps"] == math.ceil(2 * tokens / step_tokens) and plan["batch"]["epochs"] == 2
+    assert plan["corpus"]["run_epochs"] == pytest.approx(2, rel=0.01)
+    with pytest.raises(UserError, match=r"train\.epochs sets the run's length from the data: pass --data"):
+        make_plan(cfg, PlanOptions())

@@ -23,8 +23,9 @@ from typing import NamedTuple
 import torch
 
 from minipretrain.config import Config, ModelConfig
-from minipretrain.errors import ConfigError, DataError
+from minipretrain.errors import ConfigError, DataError, UserError
 from minipretrain.train.metrics import FLOPS_FORMULA, GPU_PEAK_TFLOPS, flops_per_token, gpu_peak_tflops
+from minipretrain.train.schedule import steps_for_epochs
 
 TOKENS_PER_PARAMETER = 20  # Chinchilla (Hoffmann et al. 2022): compute-optimal D ~ 20 N
 FP32 = 4  # bytes: weights, gradients and both AdamW moments stay float32 (precision.py)
@@ -473,6 +474,10 @@ def amp_bytes(cfg: Config) -> int:
     return FP32 if cfg.train.dtype == "float32" else 2
 
 
+def _epochs_note(epochs: float | None) -> str:
+    return f" (train.epochs={epochs:g})" if epochs else ""
+
+
 def make_plan(cfg: Config, options: PlanOptions, measured: dict | None = None) -> dict:
     """Every number of the plan as a JSON-ready dict (bytes, FLOPs, tokens, seconds: plain units)."""
     m, t = cfg.model, cfg.train
@@ -483,6 +488,12 @@ def make_plan(cfg: Config, options: PlanOptions, measured: dict | None = None) -
     optimal_tokens = chinchilla_tokens(counts.total)
     peak = options.peak_tflops or (gpu_peak_tflops(options.gpu, torch.float32 if act_bytes == FP32 else torch.bfloat16)
                                    if options.gpu else None)
+    corpus = corpus_tokens(options.data, cfg, int(options.sample_mb * 1e6)) if options.data is not None else None
+    max_steps = t.max_steps
+    if t.epochs is not None:  # the run's length in passes over the corpus, as the trainer derives it from the rows
+        if corpus is None:
+            raise UserError("train.epochs sets the run's length from the data: pass --data to count its tokens")
+        max_steps = steps_for_epochs(t.epochs, corpus.tokens, step_tokens)
     plan: dict = {
         "model": {**asdict(counts), "layers": m.num_hidden_layers, "hidden_size": m.hidden_size,
                   "heads": m.num_attention_heads, "kv_heads": m.num_key_value_heads, "head_dim": m.head_dim,
@@ -490,12 +501,12 @@ def make_plan(cfg: Config, options: PlanOptions, measured: dict | None = None) -
         "flops": {"formula": FLOPS_FORMULA, "per_token": token_flops, "parameter_term": 6 * counts.active,
                   "attention_term": token_flops - 6 * counts.active, "seq_len": t.seq_len},
         "batch": {"batch_size": t.batch_size, "devices": options.devices, "grad_accum": t.grad_accum,
-                  "seq_len": t.seq_len, "tokens_per_step": step_tokens, "max_steps": t.max_steps,
-                  "run_tokens": t.max_steps * step_tokens, "run_flops": t.max_steps * step_tokens * token_flops},
+                  "seq_len": t.seq_len, "tokens_per_step": step_tokens, "max_steps": max_steps, "epochs": t.epochs,
+                  "run_tokens": max_steps * step_tokens, "run_flops": max_steps * step_tokens * token_flops},
         "chinchilla": {"tokens_per_parameter": TOKENS_PER_PARAMETER, "optimal_tokens": optimal_tokens,
                        "optimal_steps": math.ceil(optimal_tokens / step_tokens),
                        "optimal_flops": 6 * counts.total * optimal_tokens,
-                       "run_tokens_per_parameter": t.max_steps * step_tokens / counts.total},
+                       "run_tokens_per_parameter": max_steps * step_tokens / counts.total},
     }
     budget = options.budget_flops
     if options.gpu_hours is not None:
@@ -506,10 +517,9 @@ def make_plan(cfg: Config, options: PlanOptions, measured: dict | None = None) -
                           "optimal_parameters": n, "optimal_tokens": d,
                           "config_tokens_in_budget": budget / token_flops,
                           "config_steps_in_budget": budget / token_flops / step_tokens}
-    if options.data is not None:
-        corpus = corpus_tokens(options.data, cfg, int(options.sample_mb * 1e6))
+    if corpus is not None:
         plan["corpus"] = {**asdict(corpus), "steps_per_epoch": corpus.tokens / step_tokens,
-                          "run_epochs": t.max_steps * step_tokens / corpus.tokens,
+                          "run_epochs": max_steps * step_tokens / corpus.tokens,
                           "chinchilla_epochs": optimal_tokens / corpus.tokens}
     plan["memory"] = {
         "dtype": "float32" if act_bytes == FP32 else "bf16 autocast, float32 weights / gradients / AdamW state",
@@ -533,7 +543,7 @@ def make_plan(cfg: Config, options: PlanOptions, measured: dict | None = None) -
         throughput, source = options.devices * peak * 1e12 * options.mfu / token_flops, "peak x --mfu"
     if throughput is not None:
         plan["time"] = {"tokens_per_s": throughput, "source": source,
-                        "run_s": t.max_steps * step_tokens / throughput, "chinchilla_s": optimal_tokens / throughput}
+                        "run_s": max_steps * step_tokens / throughput, "chinchilla_s": optimal_tokens / throughput}
     return plan
 
 
@@ -587,7 +597,8 @@ def format_plan(plan: dict) -> str:
                             f"{_num(f['attention_term'])} (T = {f['seq_len']})"),
         ("tokens per step", f"{b['tokens_per_step']:,} = batch {b['batch_size']} x devices {b['devices']} x "
                             f"accum {b['grad_accum']} x seq {b['seq_len']}"),
-        ("configured run", f"{b['max_steps']:,} steps = {_num(b['run_tokens'])} tokens = {_num(b['run_flops'])} FLOPs "
+        ("configured run", f"{b['max_steps']:,} steps{_epochs_note(b['epochs'])} = "
+                           f"{_num(b['run_tokens'])} tokens = {_num(b['run_flops'])} FLOPs "
                            f"({c['run_tokens_per_parameter']:.2f} tokens per parameter)"),
         ("Chinchilla tokens", f"{_num(c['optimal_tokens'])} (20 x N) = {c['optimal_steps']:,} steps = "
                               f"{_num(c['optimal_flops'])} FLOPs (6 x N x D)")])
