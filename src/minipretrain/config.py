@@ -436,9 +436,6 @@ def validate(cfg: Config) -> None:
              f"must be >= 0, got {o.muon_weight_decay}")
     _require(o.muon_adjust_lr in ("match_rms_adamw", "original"), "optim.muon_adjust_lr",
              f"unknown adjustment {o.muon_adjust_lr!r} (match_rms_adamw or original)")
-    _require(o.name != "muon" or (p.mode == "ddp" and p.tensor_parallel == 1), "optim.name",
-             "muon orthogonalises whole matrices, which FSDP2 and tensor parallelism shard: use parallel.mode=ddp "
-             "without tensor_parallel (pipeline parallelism works), or optim.name=adamw")
     _require(d.layout in ("packed", "padded"), "data.layout", f"unknown layout {d.layout!r} (packed or padded)")
     _require(0 <= d.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     _require(bool(d.path), "data.path", "must name a file, directory, glob or builtin:python-docs")
