@@ -220,9 +220,11 @@ def cpu_name() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(CODE))
+    p.add_argument("--config", default="configs/tiny.toml",
+                   help="the preset both runs train (e.g. configs/minimind2-26m.toml on a GPU)")
     p.add_argument("--steps", type=int, default=2400, help="training steps of each run")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="more overrides of configs/tiny.toml for both runs")
+                   help="more overrides of the preset for both runs")
     p.add_argument("--functions", type=int, default=300, help="held-out functions scored")
     p.add_argument("--max-chars", type=int, default=600, help="longest function scored (fits the training rows)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of files held out")
@@ -244,7 +246,7 @@ def main() -> None:
         if not (prepared / "manifest.json").is_file():
             prepare_corpus(data, prepared, 4096, args.val_fraction, args.tokenizer_chars)
         overrides = run_overrides(args.steps, args.seed, args.set)
-        summaries = train_both(prepared, root, overrides)
+        summaries = train_both(prepared, root, overrides, args.config)
         functions = held_out_functions(data, args.val_fraction, args.max_chars, args.functions, args.seed)
         scores = compare(root, functions, args.seed)
         minutes = (time.perf_counter() - start) / 60

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import gc
 import json
@@ -64,7 +65,7 @@ from minipretrain.parallel import World, apply_activation_checkpointing, compile
 from minipretrain.precision import configure_device, mixed_precision, native_cpu_bf16, resolve_precision
 from minipretrain.train.loop import seed_everything
 from minipretrain.train.metrics import FLOPS_FORMULA, flops_per_token, gpu_peak_tflops
-from minipretrain.train.optim import build_optimizer
+from minipretrain.train.optim import build_optimizer, set_learning_rate
 from minipretrain.train.schedule import lr_at
 from minipretrain.train.stability import CODE, SpikeGuard
 from minipretrain.train.step import accumulate_gradients, finish_step, unscale_and_clip
@@ -138,8 +139,10 @@ def cpu_description() -> str:
 
 
 def make_optimizer(model, cfg, device_type, impl):
-    """The real optimizer; with impl, the same groups and hyper-parameters forced to fused or foreach AdamW."""
-    opt = build_optimizer(model, cfg.optim, device_type)
+    """The real optimizer; with impl, the same groups and hyper-parameters forced to fused or foreach AdamW (AdamW
+    for every tensor: the comparison is of AdamW's kernels, whatever optim.name says)."""
+    opt = build_optimizer(model, cfg.optim if impl is None else dataclasses.replace(cfg.optim, name="adamw"),
+                          device_type)
     if impl is None:
         return opt, "fused" if opt.defaults.get("fused") else "foreach"
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
@@ -222,8 +225,7 @@ class Trainer:
     def accumulate(self) -> torch.Tensor:
         """Forward and backward over the step's micro-batches at the scheduled learning rate: the step's loss."""
         cfg, t = self.cfg, self.cfg.train
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.n, cfg.optim, t.max_steps)
+        set_learning_rate(self.optimizer, lr_at(self.n, cfg.optim, t.max_steps), cfg.optim)
         picks = [(self.n * t.grad_accum + i) % len(self.batches) for i in range(t.grad_accum)]
         loss, _ = accumulate_gradients(self.model, [self.batches[i] for i in picks], self.autocast, self.scaler,
                                        self.world, self.model.causal, [self.target_counts[i] for i in picks])
