@@ -10,9 +10,11 @@ Journey to the West; code: the CPython 3.11.7 standard library; a third each), f
 `minipretrain eval --dtype float32` scores each corpus's held-out documents (every 50th, never trained on), and the
 table gives their bits per byte together (summed nats over summed bytes): a tokenizer-independent compression rate.
 
-The grid: AdamW and Muon (optim.name) with a cosine schedule at each --lrs peak learning rate, and each with WSD at
-the preset's learning rate; --seeds seeds per cell (train.seed: initial weights, data order). Each cell reports the
-median over seeds and the spread (max - min). Finished runs found in --out are reused, so the grid can be grown.
+The grid: AdamW and Muon (optim.name) with a cosine schedule at each of their peak learning rates (--adamw-lrs,
+--muon-lrs: three each, around each one's best), and each with WSD at its best cosine learning rate; --seeds seeds
+per cell (train.seed: initial weights, data order). Each cell reports the median over seeds and the spread
+(max - min), and its change against today's default, AdamW + cosine at --default-lr (the tiny preset's peak).
+Finished runs found in --out are reused, so the grid can be grown.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, default=Path("/tmp/minipretrain-quality"), help="data and runs (reused)")
     p.add_argument("--tokens", type=int, default=1_200_000, help="training tokens per run (16 x 256 = 4,096 a step)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per cell")
-    p.add_argument("--lrs", default="1e-3,2e-3,4e-3", help="peak learning rates of the cosine cells")
-    p.add_argument("--wsd-lr", type=float, default=2e-3, help="the WSD cells' peak learning rate")
-    p.add_argument("--optimizers", default="adamw,muon")
+    p.add_argument("--adamw-lrs", default="5e-4,1e-3,2e-3", help="AdamW's peak learning rates (cosine cells)")
+    p.add_argument("--muon-lrs", default="2e-3,4e-3,8e-3", help="Muon's peak learning rates (cosine cells)")
+    p.add_argument("--adamw-wsd-lr", type=float, default=1e-3, help="AdamW's WSD cell (best cosine lr, measured)")
+    p.add_argument("--muon-wsd-lr", type=float, default=4e-3, help="Muon's WSD cell")
+    p.add_argument("--default-lr", type=float, default=2e-3, help="today's default: AdamW + cosine at this lr")
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     args = p.parse_args(argv)
     if args.tokens < 4096 or args.seeds < 1:
@@ -51,10 +55,11 @@ def parse_args(argv):
 
 def cells(args) -> list[dict]:
     out = []
-    for optimizer in args.optimizers.split(","):
-        for lr in (float(v) for v in args.lrs.split(",")):
+    for optimizer, lrs, wsd_lr in (("adamw", args.adamw_lrs, args.adamw_wsd_lr),
+                                   ("muon", args.muon_lrs, args.muon_wsd_lr)):
+        for lr in (float(v) for v in lrs.split(",") if v):
             out.append({"optimizer": optimizer, "schedule": "cosine", "lr": lr})
-        out.append({"optimizer": optimizer, "schedule": "wsd", "lr": args.wsd_lr})
+        out.append({"optimizer": optimizer, "schedule": "wsd", "lr": wsd_lr})
     return out
 
 
@@ -92,11 +97,11 @@ def main(argv=None) -> dict:
         values = [g["bpb"] for g in runs]
         rows.append({**cell, "median_bpb": statistics.median(values), "spread": max(values) - min(values),
                      "seeds": len(values), "median_train_s": statistics.median(g["train_s"] for g in runs)})
-    baseline = next(r for r in rows if r["optimizer"] == "adamw" and r["schedule"] == "cosine"
-                    and r["lr"] == args.wsd_lr) if "adamw" in args.optimizers else rows[0]
+    baseline = next((r for r in rows if r["optimizer"] == "adamw" and r["schedule"] == "cosine"
+                     and r["lr"] == args.default_lr), rows[0])
     print(f"\n{datetime.date.today()}, {cpu_description()}: {steps} steps x 4,096 tokens = {steps * 4096:,} tokens "
           f"per run, {args.seeds} seed(s) per cell; held-out bits per byte (English, Chinese, code together); "
-          f"against AdamW + cosine at {args.wsd_lr:g} (today's default)\n")
+          f"against AdamW + cosine at {args.default_lr:g} (today's default)\n")
     print("| optimizer | schedule | peak lr | median bits/byte | spread (max - min) | vs default | train s |\n"
           + "|---" * 7 + "|")
     for r in rows:

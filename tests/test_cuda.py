@@ -75,10 +75,11 @@ def test_compiled_bf16_training_with_document_masks_learns_and_matches_eager(tmp
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_grad_scaler_skips_an_overflow_step_and_halves_the_scale(device):
+@pytest.mark.parametrize("optimizer_name", ["adamw", "muon"])
+def test_grad_scaler_skips_an_overflow_step_and_halves_the_scale(device, optimizer_name):
     torch.manual_seed(0)
     model = MiniMind(tiny_model_config()).to(device)
-    optimizer = build_optimizer(model, tiny_config().optim, device)
+    optimizer = build_optimizer(model, tiny_config(f"optim.name={optimizer_name}").optim, device)
     scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
     # fp16 autocast where the trainer allows it (CUDA); the scaler's logic is the same on the CPU
     autocast = (torch.autocast(device, dtype=torch.float16) if device == "cuda"

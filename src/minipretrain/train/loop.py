@@ -27,7 +27,7 @@ from minipretrain import moe
 from minipretrain.config import Config, ModelConfig
 from minipretrain.data.dataset import RUN_DATA_DIR, check_objective_tokenizer, load_run_data
 from minipretrain.data.prefetch import StepLoader
-from minipretrain.errors import CheckpointError, ConfigError, Preempted, UserError
+from minipretrain.errors import CheckpointError, Preempted, UserError
 from minipretrain.evaluate import combine_results, evaluate, token_byte_lengths
 from minipretrain.fileio import DirectoryLock
 from minipretrain.generate import complete
@@ -228,9 +228,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool | str, overwrite: bool, show
     precision = resolve_precision(t.dtype, device)  # before the run directory is touched: a refusal loses nothing
     amp_dtype = precision.dtype
     check_parallel_precision(world, cfg.parallel, amp_dtype)
-    if cfg.optim.name == "muon" and amp_dtype == torch.float16:
-        raise ConfigError("optim.name=muon does not take an fp16 gradient scaler here: train with bfloat16 (the "
-                          "default on GPUs that support it) or optim.name=adamw")
     if resume and branch_from:
         raise UserError("--resume continues a run in its own directory, --branch-from starts a new one from "
                         "another run's checkpoint: pass one of them")
