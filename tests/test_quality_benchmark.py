@@ -1,0 +1,84 @@
+"""benchmarks/quality.py: every cell's overrides load on the tiny preset and train what the cell names; medians,
+spreads and the change against the baseline are computed over seeds; the JSON is written. The training itself is
+replaced here (a grid takes an hour); the numbers it gives are in docs/performance.md."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import load_benchmark
+
+from minipretrain.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(REPO / "benchmarks"))  # quality.py imports its sibling scripts, as when it runs
+    try:
+        yield load_benchmark("quality")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_every_cell_trains_what_it_names(quality, tmp_path):
+    args = quality.parse_args(["--out", str(tmp_path)])
+    prepared = {name: tmp_path / name for name in quality.MIXTURE}
+    cells = quality.cells(args)
+    assert {(c["optimizer"], c["schedule"]) for c in cells} == {
+        ("adamw", "cosine"), ("adamw", "wsd"), ("muon", "cosine"), ("muon", "wsd")}
+    assert sum(c["optimizer"] == "adamw" and c["schedule"] == "cosine" for c in cells) >= 3  # a learning-rate sweep
+    for cell in cells:
+        cfg = load_config(REPO / "configs" / "tiny.toml", quality.overrides(cell, 1338, 50, prepared, tmp_path / "tok"))
+        o = cfg.optim
+        assert (o.name, o.schedule, o.lr, cfg.train.seed, cfg.train.max_steps) == (
+            cell["optimizer"], cell["schedule"], cell["lr"], 1338, 50)
+        # a preset's own muon_lr would silently replace the cell's learning rate for the matrices
+        assert (o.muon_lr or o.lr) == cell["lr"]
+        assert (cfg.model.hidden_size, cfg.train.batch_size, cfg.train.seq_len) == (256, 16, 256)
+        assert [s.name for s in cfg.data.sources] == list(quality.MIXTURE)
+
+
+def test_the_table_takes_medians_and_spreads_over_seeds(quality, tmp_path, monkeypatch, capsys):
+    bpb = {("adamw", "cosine"): 2.5, ("adamw", "wsd"): 2.4, ("muon", "cosine"): 2.0, ("muon", "wsd"): 1.9}
+    trained = []
+
+    def fake_train(run_dir, overrides):
+        trained.append(run_dir.name)
+        return {"elapsed_s": 10.0}, True
+
+    def fake_evaluate(run_dir, prepared):
+        optimizer, schedule, lr, seed = run_dir.name.split("-")
+        value = bpb[optimizer, schedule] + float(lr[2:]) + (0.01 if seed == "seed1338" else 0.0)
+        return {name: {"nats_with_bytes": value * 0.693147 * 100, "bytes": 100, "bits_per_byte": value}
+                for name in prepared}
+
+    monkeypatch.setattr(quality.continual, "train_tokenizer", lambda out, *a: out)
+    monkeypatch.setattr(quality.continual, "prepare", lambda out, tok, vf: {n: out / n for n in quality.MIXTURE})
+    monkeypatch.setattr(quality.continual, "train", fake_train)
+    monkeypatch.setattr(quality.continual, "evaluate", fake_evaluate)
+    out = tmp_path / "quality.json"
+    result = quality.main(["--out", str(tmp_path), "--tokens", "8192", "--seeds", "2", "--adamw-lrs", "1e-3,2e-3",
+                           "--muon-lrs", "4e-3", "--adamw-wsd-lr", "1e-3", "--muon-wsd-lr", "4e-3", "--json", str(out)])
+    assert len(trained) == 2 * 5 and "muon-wsd-lr0.004-seed1338" in trained
+    rows = {(r["optimizer"], r["schedule"], r["lr"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows == {(r["optimizer"], r["schedule"], r["lr"]): r for r in result["rows"]}
+    baseline = rows["adamw", "cosine", 2e-3]
+    assert baseline["median_bpb"] == pytest.approx(2.5 + 2e-3 + 0.005, abs=1e-4)
+    assert baseline["spread"] == pytest.approx(0.01, abs=1e-4) and baseline["seeds"] == 2
+    muon = rows["muon", "wsd", 4e-3]
+    table = capsys.readouterr().out
+    change = muon["median_bpb"] / baseline["median_bpb"] - 1
+    assert f"| muon | wsd | 0.004 | {muon['median_bpb']:.4f} | 0.0100 | {change:+.1%} | 10 |" in table
+    assert result["steps"] == 2 and result["tokens_per_run"] == 8192
+
+
+@pytest.mark.parametrize("argv", [["--tokens", "100"], ["--seeds", "0"]])
+def test_bad_flags_are_refused(quality, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        quality.parse_args(argv)
+    assert exit_info.value.code == 2 and "--tokens must be at least one step" in capsys.readouterr().err
