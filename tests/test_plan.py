@@ -115,6 +115,12 @@ def test_memory_components_by_hand():
     assert accum.total == ddp.total + 4 * TOTAL
     fp32 = memory_estimate(0, counts, cfg.model, 4, 32, 1, 1, act_bytes=4)
     assert fp32.compute_weights == 0 and fp32.activations == 4 * 32 * (2 * 3224 + 5508)
+    # Muon keeps one float32 momentum buffer for each block matrix (q, k, v, o, gate, up, down) instead of AdamW's two
+    # moments; the embedding and norms keep AdamW's.
+    assert counts.muon_matrices == MATRICES - V * H
+    muon = memory_estimate(0, counts, cfg.model, 4, 32, 1, 1, act_bytes=2, muon=True)
+    assert muon.optimizer == 8 * TOTAL - 4 * (MATRICES - V * H)
+    assert muon.total == ddp.total - 4 * (MATRICES - V * H)
 
 
 def test_zero_stages_shard_the_right_states():
@@ -214,13 +220,14 @@ def test_corpus_tokens_exact_and_extrapolated(shakespeare, tokenizer_dir, tmp_pa
 MEMORY_TOLERANCE = 0.05
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_memory_estimate_matches_measured_peak(dtype):
+@pytest.mark.parametrize("dtype, optimizer", [("float32", "adamw"), ("bfloat16", "adamw"), ("bfloat16", "muon")])
+def test_memory_estimate_matches_measured_peak(dtype, optimizer):
     cfg = load_config("configs/tiny.toml", ["train.batch_size=2", "train.seq_len=128", "train.device=cpu",
-                                            f"train.dtype={dtype}"])
+                                            f"train.dtype={dtype}", f"optim.name={optimizer}"])
     measured = measure(cfg, steps=1)
     counts = count_parameters(cfg.model)
-    estimate = memory_estimate(0, counts, cfg.model, 2, 128, 1, 1, act_bytes=4 if dtype == "float32" else 2)
+    estimate = memory_estimate(0, counts, cfg.model, 2, 128, 1, 1, act_bytes=4 if dtype == "float32" else 2,
+                               muon=optimizer == "muon")
     assert measured["peak_memory_bytes"] > 20 * 2**20  # activations dominate, not fixed overheads
     assert estimate.total == pytest.approx(measured["peak_memory_bytes"], rel=MEMORY_TOLERANCE)
     assert measured["tokens_per_s"] > 0 and measured["dtype"] == dtype

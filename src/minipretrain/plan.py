@@ -5,7 +5,7 @@
 
 Parameters are counted on the real model built on the `meta` device (no memory, exact); FLOPs per token are
 metrics.flops_per_token (6*N + 12*L*H*Q*T); compute-optimal sizes follow Chinchilla (D = 20*N, C = 6*N*D); memory
-is this trainer's own accounting (float32 weights, gradients and AdamW moments, bf16 autocast activations), per
+is this trainer's own accounting (float32 weights, gradients and optimizer state, bf16 autocast activations), per
 component and per sharding strategy. `measure` runs real training steps in a fresh process to calibrate tokens/s
 and peak memory. docs/planning.md derives every formula.
 """
@@ -109,11 +109,13 @@ class ParameterCounts:
     matrices: int  # weights of nn.Linear layers (lm_head included): what bf16 autocast copies
     per_layer: int  # one decoder block
     outside_layers: int  # embedding + final norm (FSDP's root unit)
+    muon_matrices: int  # the block matrices optim.name=muon trains with Muon: one momentum buffer, not two moments
 
 
 def count_parameters(model_cfg: ModelConfig) -> ParameterCounts:
     """Counts from the real MiniMind built on the meta device: exact, and no memory is allocated."""
     from minipretrain.model import MiniMind
+    from minipretrain.train.optim import is_muon_parameter
 
     with torch.device("meta"):
         model = MiniMind(model_cfg)
@@ -121,8 +123,10 @@ def count_parameters(model_cfg: ModelConfig) -> ParameterCounts:
     embedding = model.embed_tokens.weight.numel()
     linear_weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
     per_layer = sum(p.numel() for p in model.layers[0].parameters())
+    muon_matrices = sum(p.numel() for name, p in model.named_parameters() if is_muon_parameter(name, p))
     return ParameterCounts(total, embedding, total - embedding, model.num_active_parameters(),
-                           sum(linear_weights.values()), per_layer, total - per_layer * len(model.layers))
+                           sum(linear_weights.values()), per_layer, total - per_layer * len(model.layers),
+                           muon_matrices)
 
 
 # ------------------------------------------------------------------------------------------- compute budget
@@ -233,8 +237,9 @@ STRATEGIES = (
 
 
 def memory_estimate(strategy: int, counts: ParameterCounts, m: ModelConfig, batch_size: int, seq_len: int,
-                    grad_accum: int, devices: int, act_bytes: int) -> MemoryEstimate:
-    """Peak bytes per device of a training step. Weights and AdamW moments (and gradients across micro-batches
+                    grad_accum: int, devices: int, act_bytes: int, muon: bool = False) -> MemoryEstimate:
+    """Peak bytes per device of a training step. Weights and optimizer state (AdamW's two moments; with `muon`,
+    one momentum buffer for the block matrices) and gradients across micro-batches
     when grad_accum > 1) persist; activations and the low-precision weight copies live from forward to backward;
     with grad_accum = 1 the gradients appear only as backward frees activations, so the peak is the larger of the
     two."""
@@ -245,7 +250,8 @@ def memory_estimate(strategy: int, counts: ParameterCounts, m: ModelConfig, batc
     def share(on: bool) -> float:
         return 1 / devices if on else 1.0
 
-    weights, gradients, optimizer = FP32 * n * share(shard_w), FP32 * n * share(shard_g), 2 * FP32 * n * share(shard_o)
+    states = 2 * n - (counts.muon_matrices if muon else 0)  # float32 values of optimizer state
+    weights, gradients, optimizer = FP32 * n * share(shard_w), FP32 * n * share(shard_g), FP32 * states * share(shard_o)
     ddp_buckets = FP32 * n if strategy == 0 and devices > 1 else 0.0  # one device runs without the DDP wrapper
     rope_tables = float(2 * FP32 * m.max_position_embeddings * m.head_dim)
     fixed = weights + optimizer + rope_tables + ddp_buckets
@@ -292,7 +298,8 @@ def memory_table(counts: ParameterCounts, cfg: Config, devices: int, act_bytes: 
     rows = []
     for s in range(len(STRATEGIES)):
         estimate = functools.partial(memory_estimate, s, counts, cfg.model, seq_len=t.seq_len,
-                                     grad_accum=t.grad_accum, devices=devices, act_bytes=act_bytes)
+                                     grad_accum=t.grad_accum, devices=devices, act_bytes=act_bytes,
+                                     muon=cfg.optim.name == "muon")
         row = estimate(t.batch_size)
         if budget is not None:
             row.largest_batch = largest_batch(lambda b, e=estimate: e(b).total <= budget)
@@ -522,7 +529,7 @@ def make_plan(cfg: Config, options: PlanOptions, measured: dict | None = None) -
                           "run_epochs": max_steps * step_tokens / corpus.tokens,
                           "chinchilla_epochs": optimal_tokens / corpus.tokens}
     plan["memory"] = {
-        "dtype": "float32" if act_bytes == FP32 else "bf16 autocast, float32 weights / gradients / AdamW state",
+        "dtype": "float32" if act_bytes == FP32 else "bf16 autocast, float32 weights / gradients / optimizer state",
         "activation_bytes_per_token": dict(zip(("per_layer", "head"), activation_bytes_per_token(m, act_bytes),
                                                   strict=True)),
         "gpu_memory_gib": options.gpu_memory_gib,
@@ -536,7 +543,8 @@ def make_plan(cfg: Config, options: PlanOptions, measured: dict | None = None) -
         one = 1 if measured["device"] == "cpu" else options.devices  # CPU: this machine, not a GPU cluster
         throughput, source = measured["tokens_per_s"] * one, f"measured on {measured['device']}"
         estimate = memory_estimate(0, counts, m, t.batch_size, t.seq_len, t.grad_accum, 1,
-                                   2 if measured["dtype"] in ("bfloat16", "float16") else FP32)
+                                   2 if measured["dtype"] in ("bfloat16", "float16") else FP32,
+                                   muon=cfg.optim.name == "muon")
         plan["measured"] = {**measured, "estimated_peak_bytes": estimate.total,
                             "estimate_over_measured": estimate.total / measured["peak_memory_bytes"]}
     elif throughput is None and peak is not None:
@@ -625,7 +633,7 @@ def format_plan(plan: dict) -> str:
     per_layer, head = mem["activation_bytes_per_token"].values()
     lines.append(f"memory per device ({mem['dtype']}; activations {per_layer:,} B per token per layer + {head:,} B "
                  f"per token for the head; batch {b['batch_size']} x seq {b['seq_len']}, {b['devices']} device(s))")
-    header = ["strategy", "weights", "grads", "AdamW", "bf16/gathered", "RoPE", "DDP buckets", "activations",
+    header = ["strategy", "weights", "grads", "optimizer", "bf16/gathered", "RoPE", "DDP buckets", "activations",
               "peak", "peak with act. ckpt"]
     if mem["gpu_memory_gib"] is not None:
         header += [f"max batch in {mem['gpu_memory_gib']:g} GiB", "with act. ckpt"]
