@@ -83,7 +83,8 @@ def our_step_times(args, scratch: Path, data: Path, dtype: str) -> list[float]:
             "model.rms_norm_eps": 1e-6, "model.vocab_size": 6400, "data.tokenizer": args.peer / "model",
             "data.path": data, "data.layout": "padded", "data.val_fraction": 0, "train.batch_size": args.batch_size,
             "train.seq_len": args.seq_len, "train.max_steps": args.warmup + args.steps + 1, "train.eval_every": 0,
-            "train.save_every": 0, "train.sample_tokens": 1, "train.device": "cpu", "train.dtype": dtype}
+            "train.save_every": 0, "train.sample_tokens": 1, "train.device": "cpu", "train.dtype": dtype,
+            "optim.name": "adamw"}  # the peer's optimizer: the same work per step
     if args.moe:  # the peer's MoE: 4 experts as wide as the dense SwiGLU, top-1, balancing over the whole batch
         sets.update({"model.moe": "true", "model.num_experts": 4, "model.num_experts_per_tok": 1,
                      "model.router_aux_loss_coef": 5e-4, "model.seq_aux": "false"})
