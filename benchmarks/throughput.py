@@ -17,12 +17,13 @@ H attention heads, Q head dim, T sequence length; forward + backward).
 MFU = tokens/s * FLOPs per token / peak FLOP/s of the hardware (--peak-tflops, or on CUDA a table of dense
 tensor-core peaks: bf16/fp16 for mixed precision, TF32 for float32).
 
---compare-optimizer trains two identical copies of the model, one with fused and one with foreach AdamW, and
---compare-dtype two copies in float32 and in bfloat16 autocast, in alternating blocks of steps so that drift in a
-shared, noisy machine hits both alike; each quotes both runs' medians. --compare-ac does the same for three copies
-with train.activation_checkpointing none, selective and full; since one process has a single peak, each mode's peak
-memory comes from a child run of this script with that mode alone (1 warm-up + 1 timed step): on CUDA the peak
-bytes allocated by tensors, elsewhere the child's peak RSS and its rise over the RSS just before its first step.
+--compare-optimizer trains three identical copies of the model, with fused AdamW, foreach AdamW and Muon (+ AdamW for
+the embedding and norms), and --compare-dtype two copies in float32 and in bfloat16 autocast, in alternating blocks of
+steps so that drift in a shared, noisy machine hits all alike; each quotes every run's median. --compare-ac does the
+same for three copies with train.activation_checkpointing none, selective and full; since one process has a single
+peak, each mode's peak memory comes from a child run of this script with that mode alone (1 warm-up + 1 timed step):
+on CUDA the peak bytes allocated by tensors, elsewhere the child's peak RSS and its rise over the RSS just before its
+first step.
 These modes synchronise the device around each step, to time the optimizer step apart.
 
 --presets (default: tiny, minimind2-26m, minimind2-104m, llama-124m) runs each preset, one after the other, at its
@@ -94,7 +95,8 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (compiled during warmup)")
     p.add_argument("--peak-tflops", type=float, help="hardware peak for MFU (default: GPU table; CPU: n/a)")
     compare = p.add_mutually_exclusive_group()
-    compare.add_argument("--compare-optimizer", action="store_true", help="fused vs foreach AdamW, interleaved")
+    compare.add_argument("--compare-optimizer", action="store_true",
+                         help="fused vs foreach AdamW vs Muon (+ AdamW), interleaved")
     compare.add_argument("--compare-dtype", action="store_true", help="float32 vs bfloat16 autocast, interleaved")
     compare.add_argument("--compare-ac", action="store_true",
                          help="activation checkpointing none vs selective vs full, interleaved; peak memory of each")
@@ -139,10 +141,12 @@ def cpu_description() -> str:
 
 
 def make_optimizer(model, cfg, device_type, impl):
-    """The real optimizer; with impl, the same groups and hyper-parameters forced to fused or foreach AdamW (AdamW
-    for every tensor: the comparison is of AdamW's kernels, whatever optim.name says)."""
-    opt = build_optimizer(model, cfg.optim if impl is None else dataclasses.replace(cfg.optim, name="adamw"),
-                          device_type)
+    """The real optimizer (impl None); with impl "fused" or "foreach", the same groups and hyper-parameters forced to
+    that AdamW kernel for every tensor, whatever optim.name says; with impl "muon", Muon + AdamW as optim.name=muon
+    builds it."""
+    if impl == "muon" or (impl is None and cfg.optim.name == "muon"):
+        return build_optimizer(model, dataclasses.replace(cfg.optim, name="muon"), device_type), "muon"
+    opt = build_optimizer(model, dataclasses.replace(cfg.optim, name="adamw"), device_type)
     if impl is None:
         return opt, "fused" if opt.defaults.get("fused") else "foreach"
     groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
@@ -370,8 +374,8 @@ def main(argv=None) -> dict:
 
     base = MiniMind(m).to(device)
     ac = t.activation_checkpointing
-    variants = ([("fused", dtype, ac), ("foreach", dtype, ac)] if args.compare_optimizer  # (AdamW forced, dtype,
-                else [(None, torch.float32, ac), (None, bf16, ac)] if args.compare_dtype  # activation checkpointing)
+    variants = ([(impl, dtype, ac) for impl in ("fused", "foreach", "muon")] if args.compare_optimizer  # (optimizer,
+                else [(None, torch.float32, ac), (None, bf16, ac)] if args.compare_dtype  # dtype, act. checkpointing)
                 else [(None, dtype, mode) for mode in ACTIVATION_CHECKPOINTING] if args.compare_ac
                 else [(None, dtype, ac)])
     compare = len(variants) > 1
@@ -420,7 +424,7 @@ def main(argv=None) -> dict:
                 if "allocated" in mem else f"process RSS {mem['rss'] / 2**20:,.0f} MiB")
     print(f"\nlast loss {float(loss):.3f}; CPU busy before start {'n/a' if busy is None else f'{100 * busy:.0f}%'}; "
           f"peak memory{shared}: {mem_text}; MFU peak: {runs[-1]['peak_source']}\n")
-    print("| preset | device | dtype | AdamW | AC | params | tokens/step | median s (min-max) | tokens/s "
+    print("| preset | device | dtype | optimizer | AC | params | tokens/step | median s (min-max) | tokens/s "
           "| optim step ms | TFLOP/s | MFU |\n" + "|---" * 12 + "|")
     for r in runs:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"

@@ -72,3 +72,15 @@ def test_bad_flags_are_refused(throughput, argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         throughput.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_compare_optimizer_times_fused_foreach_and_muon(throughput, tmp_path, capsys):
+    out = tmp_path / "optim.json"
+    tiny_model = [arg for key in TINY_MODEL for arg in ("--set", key)]
+    result = throughput.main(["--config", "configs/tiny.toml", *tiny_model, "--device", "cpu", "--dtype", "float32",
+                              "--batch-size", "2", "--seq-len", "32", "--warmup", "1", "--steps", "2", "--block", "1",
+                              "--compare-optimizer", "--peak-tflops", "1.0", "--json", str(out)])
+    assert [r["optimizer"] for r in result["runs"]] == ["fused", "foreach", "muon"]
+    assert all(r["optimizer_median_ms"] > 0 and len(r["step_times_s"]) == 2 for r in result["runs"])
+    assert json.loads(out.read_text())["runs"][2]["optimizer"] == "muon"
+    assert "| muon |" in capsys.readouterr().out
