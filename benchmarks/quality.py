@@ -2,7 +2,7 @@
 schedules and seeds.
 
     python benchmarks/quality.py --out /tmp/quality                  # the default grid, 2 seeds
-    python benchmarks/quality.py --out /tmp/quality --tokens 300000 --seeds 1 --lrs 2e-3   # a quick look
+    python benchmarks/quality.py --out /tmp/quality --tokens 300000 --seeds 1 --adamw-lrs 2e-3 --muon-lrs 4e-3
 
 Every run is `minipretrain train` of one ~5M-parameter shape (the tiny preset widened: hidden 256, 6 layers, 8 heads /
 4 kv heads, vocab 4096, batch 16 x 256) on a fixed mixture from ../shared/data/ (English: tinyshakespeare; Chinese:
@@ -14,8 +14,9 @@ The grid: AdamW and Muon (optim.name) with a cosine schedule at each of their pe
 --muon-lrs: three each, around each one's best), and each with WSD at its best cosine learning rate; --seeds seeds
 per cell (train.seed: initial weights, data order). Each cell reports the median over seeds and the spread
 (max - min), and its change against the baseline, AdamW + cosine at --default-lr (MiniMind's optimizer and schedule,
-and the tiny preset's settings before this benchmark chose Muon).
-Finished runs found in --out are reused, so the grid can be grown.
+and the tiny preset's settings before this benchmark chose Muon). Then the best cell is run again at other batch sizes
+(--batch-sizes; the same tokens, so more or fewer steps) and warmup lengths (--warmups, as a share of the steps; the
+grid uses 5%), with --extra-seeds seeds each. Finished runs found in --out are reused, so the grid can be grown.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from pathlib import Path
 import continual  # benchmarks/ is on sys.path when a script in it runs: its data preparation and CLI helpers
 from throughput import cpu_description
 
+SEQ_LEN, BATCH_SIZE, WARMUP = 256, 16, 0.05  # the grid's rows, rows per step and warmup share of the steps
 SHAPE = ["model.hidden_size=256", "model.num_hidden_layers=6", "model.num_attention_heads=8",
-         "model.num_key_value_heads=4", "train.batch_size=16", "train.seq_len=256"]
+         "model.num_key_value_heads=4", f"train.batch_size={BATCH_SIZE}", f"train.seq_len={SEQ_LEN}"]
 MIXTURE = {"shakespeare": 1 / 3, "zh": 1 / 3, "code": 1 / 3}
 
 
@@ -47,10 +49,20 @@ def parse_args(argv):
     p.add_argument("--adamw-wsd-lr", type=float, default=1e-3, help="AdamW's WSD cell (best cosine lr, measured)")
     p.add_argument("--muon-wsd-lr", type=float, default=4e-3, help="Muon's WSD cell")
     p.add_argument("--default-lr", type=float, default=2e-3, help="the baseline: AdamW + cosine at this lr")
+    p.add_argument("--batch-sizes", default="8,32", help="the best cell again at these rows per step (same tokens)")
+    p.add_argument("--warmups", default="0,0.2", help="the best cell again with these warmup shares of the steps")
+    p.add_argument("--extra-seeds", type=int, default=1, help="seeds of each batch-size and warmup run")
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     args = p.parse_args(argv)
-    if args.tokens < 4096 or args.seeds < 1:
-        p.error("--tokens must be at least one step (4,096) and --seeds at least 1")
+    if args.tokens < 4096 or args.seeds < 1 or args.extra_seeds < 0:
+        p.error("--tokens must be at least one step (4,096), --seeds at least 1 and --extra-seeds at least 0")
+    try:
+        args.batch_sizes = [int(v) for v in args.batch_sizes.split(",") if v]
+        args.warmups = [float(v) for v in args.warmups.split(",") if v]
+    except ValueError as e:
+        p.error(f"--batch-sizes takes integers and --warmups numbers, comma-separated: {e}")
+    if any(b < 1 or args.tokens < b * SEQ_LEN for b in args.batch_sizes) or any(not 0 <= w < 1 for w in args.warmups):
+        p.error("--batch-sizes must be at least 1 (and one step must fit in --tokens), --warmups in [0, 1)")
     return args
 
 
@@ -64,10 +76,30 @@ def cells(args) -> list[dict]:
     return out
 
 
-def overrides(cell: dict, seed: int, steps: int, prepared: dict, tokenizer: Path) -> list[str]:
-    return [*SHAPE, continual.sources(MIXTURE, prepared), f"data.tokenizer={json.dumps(str(tokenizer))}",
+def extra_cells(args, best: dict) -> list[dict]:
+    """The best cell at each other batch size and warmup share."""
+    return ([{**best, "batch_size": b} for b in args.batch_sizes if b != BATCH_SIZE]
+            + [{**best, "warmup": w} for w in args.warmups if w != WARMUP])
+
+
+def cell_name(cell: dict) -> str:
+    return (f"{cell['optimizer']}-{cell['schedule']}-lr{cell['lr']:g}"
+            + (f"-batch{cell['batch_size']}" if "batch_size" in cell else "")
+            + (f"-warmup{cell['warmup']:g}" if "warmup" in cell else ""))
+
+
+def steps_of(cell: dict, tokens: int) -> int:
+    return tokens // (cell.get("batch_size", BATCH_SIZE) * SEQ_LEN)
+
+
+def overrides(cell: dict, seed: int, tokens: int, prepared: dict, tokenizer: Path) -> list[str]:
+    steps = steps_of(cell, tokens)
+    warmup = max(1, steps // 20) if "warmup" not in cell else round(cell["warmup"] * steps)
+    shape = [f"train.batch_size={cell['batch_size']}" if o.startswith("train.batch_size=") and "batch_size" in cell
+             else o for o in SHAPE]
+    return [*shape, continual.sources(MIXTURE, prepared), f"data.tokenizer={json.dumps(str(tokenizer))}",
             f"optim.name={cell['optimizer']}", f"optim.schedule={cell['schedule']}", f"optim.lr={cell['lr']}",
-            f"optim.min_lr={cell['lr'] / 10}", f"optim.warmup_steps={max(1, steps // 20)}",
+            f"optim.min_lr={cell['lr'] / 10}", f"optim.warmup_steps={warmup}",
             f"train.max_steps={steps}", f"train.seed={seed}", "train.eval_every=0", "train.save_every=0",
             "train.sample_every=0", "train.sample_tokens=1"]
 
@@ -81,7 +113,7 @@ def summarize(grid: list[dict], grid_cells: list[dict], default_lr: float) -> tu
     (AdamW + cosine at `default_lr`; the first row when the grid lacks it)."""
     rows = []
     for cell in grid_cells:
-        runs = [g for g in grid if all(g[k] == cell[k] for k in cell)]
+        runs = [g for g in grid if g["cell"] == cell]
         values = [g["bpb"] for g in runs]
         rows.append({**cell, "median_bpb": statistics.median(values), "spread": max(values) - min(values),
                      "seeds": len(values), "median_train_s": statistics.median(g["train_s"] for g in runs)})
@@ -95,28 +127,41 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = continual.train_tokenizer(args.out / "tokenizer", 0.02, 2_000_000, 4096)
     prepared = {name: path for name, path in continual.prepare(args.out, tokenizer, 0.02).items() if name in MIXTURE}
-    steps = args.tokens // 4096
-    print(f"{steps} steps x 4,096 tokens per run; {cpu_description()}", flush=True)
+    steps = args.tokens // (BATCH_SIZE * SEQ_LEN)
+    print(f"{steps} steps x {BATCH_SIZE * SEQ_LEN:,} tokens per run; {cpu_description()}", flush=True)
     grid, start = [], time.perf_counter()
+
+    def run(cell: dict, seed: int) -> None:
+        name = f"{cell_name(cell)}-seed{seed}"
+        summary, _ = continual.train(args.out / "runs" / name, overrides(cell, seed, args.tokens, prepared, tokenizer))
+        scores = continual.evaluate(args.out / "runs" / name, prepared)
+        grid.append({**cell, "cell": cell, "seed": seed, "bpb": bits_per_byte(scores), "train_s": summary["elapsed_s"],
+                     "bpb_by_corpus": {n: s["bits_per_byte"] for n, s in scores.items()}})
+        print(f"  {name}: {grid[-1]['bpb']:.4f} bits/byte ({summary['elapsed_s']:.0f} s)", flush=True)
+
     for seed in range(1337, 1337 + args.seeds):  # seed-major: a partial grid already covers every cell once
         for cell in cells(args):
-            name = f"{cell['optimizer']}-{cell['schedule']}-lr{cell['lr']:g}-seed{seed}"
-            summary, _ = continual.train(args.out / "runs" / name, overrides(cell, seed, steps, prepared, tokenizer))
-            scores = continual.evaluate(args.out / "runs" / name, prepared)
-            grid.append({**cell, "seed": seed, "bpb": bits_per_byte(scores), "train_s": summary["elapsed_s"],
-                         "bpb_by_corpus": {n: s["bits_per_byte"] for n, s in scores.items()}})
-            print(f"  {name}: {grid[-1]['bpb']:.4f} bits/byte ({summary['elapsed_s']:.0f} s)", flush=True)
+            run(cell, seed)
     rows, baseline = summarize(grid, cells(args), args.default_lr)
-    print(f"\n{datetime.date.today()}, {cpu_description()}: {steps} steps x 4,096 tokens = {steps * 4096:,} tokens "
-          f"per run, {args.seeds} seed(s) per cell; held-out bits per byte (English, Chinese, code together); "
-          f"against AdamW + cosine at {args.default_lr:g} (the baseline)\n")
-    print("| optimizer | schedule | peak lr | median bits/byte | spread (max - min) | vs default | train s |\n"
-          + "|---" * 7 + "|")
+    best = min(cells(args), key=lambda c: summarize(grid, [c], args.default_lr)[0][0]["median_bpb"])
+    extras = extra_cells(args, best) if args.extra_seeds else []
+    for seed in range(1337, 1337 + args.extra_seeds):
+        for cell in extras:
+            run(cell, seed)
+    rows += summarize(grid, extras, args.default_lr)[0] if extras else []
+    print(f"\n{datetime.date.today()}, {cpu_description()}: {args.tokens:,} tokens per run ({steps} steps of "
+          f"{BATCH_SIZE} x {SEQ_LEN} unless the batch says otherwise), {args.seeds} seed(s) per cell of the grid, "
+          f"{args.extra_seeds} per batch or warmup variant of the best; held-out bits per byte (English, Chinese, code "
+          f"together); against AdamW + cosine at {args.default_lr:g} (the baseline)\n")
+    print("| optimizer | schedule | peak lr | batch | warmup | median bits/byte | seeds | spread (max - min) "
+          "| vs baseline | train s |\n" + "|---" * 10 + "|")
     for r in rows:
         change = r["median_bpb"] / baseline["median_bpb"] - 1
-        print(f"| {r['optimizer']} | {r['schedule']} | {r['lr']:g} | {r['median_bpb']:.4f} | {r['spread']:.4f} | "
-              f"{change:+.1%} | {r['median_train_s']:.0f} |")
-    result = {"date": str(datetime.date.today()), "cpu": cpu_description(), "tokens_per_run": steps * 4096,
+        spread = f"{r['spread']:.4f}" if r["seeds"] > 1 else "n/a"
+        print(f"| {r['optimizer']} | {r['schedule']} | {r['lr']:g} | {r.get('batch_size', BATCH_SIZE)} "
+              f"| {r.get('warmup', WARMUP):.0%} | {r['median_bpb']:.4f} | {r['seeds']} | {spread} | {change:+.1%} "
+              f"| {r['median_train_s']:.0f} |")
+    result = {"date": str(datetime.date.today()), "cpu": cpu_description(), "tokens_per_run": steps * BATCH_SIZE * SEQ_LEN,
               "steps": steps, "shape": SHAPE, "mixture": MIXTURE, "seeds": args.seeds, "rows": rows, "runs": grid,
               "minutes": round((time.perf_counter() - start) / 60, 1),
               "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])}
