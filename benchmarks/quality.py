@@ -7,16 +7,21 @@ schedules and seeds.
 Every run is `minipretrain train` of one ~5M-parameter shape (the tiny preset widened: hidden 256, 6 layers, 8 heads /
 4 kv heads, vocab 4096, batch 16 x 256) on a fixed mixture from ../shared/data/ (English: tinyshakespeare; Chinese:
 Journey to the West; code: the CPython 3.11.7 standard library; a third each), for the same number of tokens. Then
-`minipretrain eval --dtype float32` scores each corpus's held-out documents (every 50th, never trained on), and the
-table gives their bits per byte together (summed nats over summed bytes): a tokenizer-independent compression rate.
+`minipretrain eval --dtype float32` scores each corpus's held-out documents (every 50th, never trained on). The
+score of a run is the mean of the three corpora's bits per byte (a tokenizer-independent compression rate), each
+weighing a third as in training; the table also gives each corpus's.
 
 The grid: AdamW and Muon (optim.name) with a cosine schedule at each of their peak learning rates (--adamw-lrs,
---muon-lrs: three each, around each one's best), and each with WSD at its best cosine learning rate; --seeds seeds
-per cell (train.seed: initial weights, data order). Each cell reports the median over seeds and the spread
-(max - min), and its change against the baseline, AdamW + cosine at --default-lr (MiniMind's optimizer and schedule,
-and the tiny preset's settings before this benchmark chose Muon). Then the best cell is run again at other batch sizes
-(--batch-sizes; the same tokens, so more or fewer steps) and warmup lengths (--warmups, as a share of the steps; the
-grid uses 5%), with --extra-seeds seeds each. Finished runs found in --out are reused, so the grid can be grown.
+--muon-lrs: three each, around each one's best), and each with WSD at one learning rate (--adamw-wsd-lr, --muon-wsd-lr:
+the best cosine rates of an earlier, smaller grid); --seeds seeds per cell (train.seed: initial weights, data order). A
+Muon cell runs AdamW (embedding, norms) at the same peak unless it says otherwise. Each cell reports the median over
+seeds and the spread (max - min), and its change against the baseline, AdamW + cosine at --default-lr (MiniMind's
+optimizer and schedule, and the tiny preset's settings before this benchmark chose Muon). Then the best cell is run
+again at other batch sizes (--batch-sizes; the same tokens, so more or fewer steps) and warmup lengths (--warmups, as a
+share of the steps; the grid uses 5%), and, when it is a Muon cell, with AdamW's peak at --split-adamw-lr instead of
+Muon's (the MiniMind presets' split), with --extra-seeds seeds each. Finished runs found in --out are reused (same
+command), so the grid can be grown; the preset file and the code are not compared, so after changing either use a fresh
+--out.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import statistics
 import sys
 import time
@@ -51,7 +55,9 @@ def parse_args(argv):
     p.add_argument("--default-lr", type=float, default=2e-3, help="the baseline: AdamW + cosine at this lr")
     p.add_argument("--batch-sizes", default="8,32", help="the best cell again at these rows per step (same tokens)")
     p.add_argument("--warmups", default="0,0.2", help="the best cell again with these warmup shares of the steps")
-    p.add_argument("--extra-seeds", type=int, default=1, help="seeds of each batch-size and warmup run")
+    p.add_argument("--split-adamw-lr", type=float, default=1e-3,
+                   help="the best cell (if Muon) again with AdamW's peak here (0: not)")
+    p.add_argument("--extra-seeds", type=int, default=1, help="seeds of each batch-size, warmup and split run")
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "quality.json")
     args = p.parse_args(argv)
     if args.tokens < 4096 or args.seeds < 1 or args.extra_seeds < 0:
@@ -63,6 +69,10 @@ def parse_args(argv):
         p.error(f"--batch-sizes takes integers and --warmups numbers, comma-separated: {e}")
     if any(b < 1 or args.tokens < b * SEQ_LEN for b in args.batch_sizes) or any(not 0 <= w < 1 for w in args.warmups):
         p.error("--batch-sizes must be at least 1 (and one step must fit in --tokens), --warmups in [0, 1)")
+    if args.default_lr not in [float(v) for v in args.adamw_lrs.split(",") if v]:
+        p.error(f"--default-lr {args.default_lr:g} must be one of --adamw-lrs: it is the baseline's cell")
+    if args.split_adamw_lr < 0:
+        p.error("--split-adamw-lr must be >= 0")
     return args
 
 
@@ -79,13 +89,15 @@ def cells(args) -> list[dict]:
 def extra_cells(args, best: dict) -> list[dict]:
     """The best cell at each other batch size and warmup share."""
     return ([{**best, "batch_size": b} for b in args.batch_sizes if b != BATCH_SIZE]
-            + [{**best, "warmup": w} for w in args.warmups if w != WARMUP])
+            + [{**best, "warmup": w} for w in args.warmups if w != WARMUP]
+            + [{**best, "adamw_lr": args.split_adamw_lr}] * (best["optimizer"] == "muon" and args.split_adamw_lr > 0))
 
 
 def cell_name(cell: dict) -> str:
     return (f"{cell['optimizer']}-{cell['schedule']}-lr{cell['lr']:g}"
             + (f"-batch{cell['batch_size']}" if "batch_size" in cell else "")
-            + (f"-warmup{cell['warmup']:g}" if "warmup" in cell else ""))
+            + (f"-warmup{cell['warmup']:g}" if "warmup" in cell else "")
+            + (f"-adamw{cell['adamw_lr']:g}" if "adamw_lr" in cell else ""))
 
 
 def steps_of(cell: dict, tokens: int) -> int:
@@ -98,14 +110,17 @@ def overrides(cell: dict, seed: int, tokens: int, prepared: dict, tokenizer: Pat
     shape = [f"train.batch_size={cell['batch_size']}" if o.startswith("train.batch_size=") and "batch_size" in cell
              else o for o in SHAPE]
     return [*shape, continual.sources(MIXTURE, prepared), f"data.tokenizer={json.dumps(str(tokenizer))}",
-            f"optim.name={cell['optimizer']}", f"optim.schedule={cell['schedule']}", f"optim.lr={cell['lr']}",
-            f"optim.min_lr={cell['lr'] / 10}", f"optim.warmup_steps={warmup}",
+            f"optim.name={cell['optimizer']}", f"optim.schedule={cell['schedule']}",
+            *([f"optim.lr={cell['lr']}", f"optim.min_lr={cell['lr'] / 10}"] if "adamw_lr" not in cell else
+              [f"optim.lr={cell['adamw_lr']}", f"optim.min_lr={cell['adamw_lr'] / 10}", f"optim.muon_lr={cell['lr']}"]),
+            f"optim.warmup_steps={warmup}",
             f"train.max_steps={steps}", f"train.seed={seed}", "train.eval_every=0", "train.save_every=0",
             "train.sample_every=0", "train.sample_tokens=1"]
 
 
-def bits_per_byte(scores: dict[str, dict]) -> float:
-    return sum(s["nats_with_bytes"] for s in scores.values()) / math.log(2) / sum(s["bytes"] for s in scores.values())
+def mixture_bits_per_byte(scores: dict[str, dict]) -> float:
+    """The corpora's bits per byte weighted as the training mixture weighs them."""
+    return sum(MIXTURE[name] * s["bits_per_byte"] for name, s in scores.items()) / sum(MIXTURE[n] for n in scores)
 
 
 def summarize(grid: list[dict], grid_cells: list[dict], default_lr: float) -> tuple[list[dict], dict]:
@@ -116,7 +131,9 @@ def summarize(grid: list[dict], grid_cells: list[dict], default_lr: float) -> tu
         runs = [g for g in grid if g["cell"] == cell]
         values = [g["bpb"] for g in runs]
         rows.append({**cell, "median_bpb": statistics.median(values), "spread": max(values) - min(values),
-                     "seeds": len(values), "median_train_s": statistics.median(g["train_s"] for g in runs)})
+                     "seeds": len(values), "median_train_s": statistics.median(g["train_s"] for g in runs),
+                     "median_bpb_by_corpus": {name: statistics.median(g["bpb_by_corpus"][name] for g in runs)
+                                              for name in runs[0]["bpb_by_corpus"]}})
     baseline = next((r for r in rows if r["optimizer"] == "adamw" and r["schedule"] == "cosine"
                      and r["lr"] == default_lr), rows[0])
     return rows, baseline
@@ -135,7 +152,8 @@ def main(argv=None) -> dict:
         name = f"{cell_name(cell)}-seed{seed}"
         summary, _ = continual.train(args.out / "runs" / name, overrides(cell, seed, args.tokens, prepared, tokenizer))
         scores = continual.evaluate(args.out / "runs" / name, prepared)
-        grid.append({**cell, "cell": cell, "seed": seed, "bpb": bits_per_byte(scores), "train_s": summary["elapsed_s"],
+        grid.append({**cell, "cell": cell, "seed": seed, "bpb": mixture_bits_per_byte(scores),
+                     "train_s": summary["elapsed_s"],
                      "bpb_by_corpus": {n: s["bits_per_byte"] for n, s in scores.items()}})
         print(f"  {name}: {grid[-1]['bpb']:.4f} bits/byte ({summary['elapsed_s']:.0f} s)", flush=True)
 
@@ -149,20 +167,26 @@ def main(argv=None) -> dict:
         for cell in extras:
             run(cell, seed)
     rows += summarize(grid, extras, args.default_lr)[0] if extras else []
-    print(f"\n{datetime.date.today()}, {cpu_description()}: {args.tokens:,} tokens per run ({steps} steps of "
-          f"{BATCH_SIZE} x {SEQ_LEN} unless the batch says otherwise), {args.seeds} seed(s) per cell of the grid, "
-          f"{args.extra_seeds} per batch or warmup variant of the best; held-out bits per byte (English, Chinese, code "
-          f"together); against AdamW + cosine at {args.default_lr:g} (the baseline)\n")
-    print("| optimizer | schedule | peak lr | batch | warmup | median bits/byte | seeds | spread (max - min) "
-          "| vs baseline | train s |\n" + "|---" * 10 + "|")
+    best_adamw = min((r for r in rows if r["optimizer"] == "adamw"), key=lambda r: r["median_bpb"])
+    print(f"\n{datetime.date.today()}, {cpu_description()}: {steps * BATCH_SIZE * SEQ_LEN:,} tokens per run ({steps} "
+          f"steps of {BATCH_SIZE} x {SEQ_LEN} unless the batch says otherwise), {args.seeds} seed(s) per cell of the "
+          f"grid, {args.extra_seeds} per variant of the best; held-out bits per byte, the mean of English, Chinese and "
+          f"code; against AdamW + cosine at {args.default_lr:g} (the baseline)\n")
+    print("| optimizer | schedule | peak lr | batch | warmup | bits/byte (median) | seeds | spread (max - min) "
+          "| vs baseline | English | Chinese | code | train s |\n" + "|---" * 13 + "|")
     for r in rows:
-        change = r["median_bpb"] / baseline["median_bpb"] - 1
+        lr = f"{r['lr']:g}" + (f", AdamW {r['adamw_lr']:g}" if "adamw_lr" in r else "")
         spread = f"{r['spread']:.4f}" if r["seeds"] > 1 else "n/a"
-        print(f"| {r['optimizer']} | {r['schedule']} | {r['lr']:g} | {r.get('batch_size', BATCH_SIZE)} "
-              f"| {r.get('warmup', WARMUP):.0%} | {r['median_bpb']:.4f} | {r['seeds']} | {spread} | {change:+.1%} "
-              f"| {r['median_train_s']:.0f} |")
-    result = {"date": str(datetime.date.today()), "cpu": cpu_description(), "tokens_per_run": steps * BATCH_SIZE * SEQ_LEN,
-              "steps": steps, "shape": SHAPE, "mixture": MIXTURE, "seeds": args.seeds, "rows": rows, "runs": grid,
+        by_corpus = " | ".join(f"{r['median_bpb_by_corpus'][n]:.4f}" for n in ("shakespeare", "zh", "code"))
+        print(f"| {r['optimizer']} | {r['schedule']} | {lr} | {r.get('batch_size', BATCH_SIZE)} "
+              f"| {r.get('warmup', WARMUP):.0%} | {r['median_bpb']:.4f} | {r['seeds']} | {spread} "
+              f"| {r['median_bpb'] / baseline['median_bpb'] - 1:+.1%} | {by_corpus} | {r['median_train_s']:.0f} |")
+    top = summarize(grid, [best], args.default_lr)[0][0]["median_bpb"]
+    print(f"\nbest cell: {cell_name(best)}, {top:.4f} bits/byte: {top / baseline['median_bpb'] - 1:+.1%} against the "
+          f"baseline, {top / best_adamw['median_bpb'] - 1:+.1%} against the best AdamW cell ({cell_name(best_adamw)})")
+    result = {"date": str(datetime.date.today()), "cpu": cpu_description(),
+              "tokens_per_run": steps * BATCH_SIZE * SEQ_LEN, "steps": steps, "best": cell_name(best),
+              "shape": SHAPE, "mixture": MIXTURE, "seeds": args.seeds, "rows": rows, "runs": grid,
               "minutes": round((time.perf_counter() - start) / 60, 1),
               "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])}
     args.json.parent.mkdir(parents=True, exist_ok=True)
