@@ -6,10 +6,11 @@
     python benchmarks/throughput.py --config configs/minimind2-26m.toml --compare-ac --batch-size 8 --steps 5
     python benchmarks/throughput.py --presets --steps 30 --block 5 --warmup 3        # the GPU suite, on one GPU
 
-Each step is the training step of `minipretrain.train.loop.train`, made of the same train/step.py functions on
-random tokens: the real `MiniMind`, the real `build_optimizer`, autocast unless float32, GradScaler for float16,
-the spike guard's check, clipping, the fused AdamW step and zero_grad(set_to_none=True). The batches wait on the
-device (the trainer's loader prefetches them in a thread), so no data loading, validation or checkpointing is timed.
+Each step is the training step of `minipretrain.train.loop.train`, made of the same train/step.py functions on random
+tokens: the real `MiniMind`, the real `build_optimizer`, autocast unless float32, GradScaler for float16, the spike
+guard's check, clipping, the preset's optimizer step (fused AdamW, or Muon + AdamW) and zero_grad(set_to_none=True). The
+batches wait on the device (the trainer's loader prefetches them in a thread), so no data loading, validation or
+checkpointing is timed.
 
 FLOPs per token = 6*N + 12*L*H*Q*T  (nanoGPT's convention: N = model.num_active_parameters(), all parameters of
 a dense model and those one token passes through in a mixture of experts, tied embedding counted once; L layers,
@@ -236,7 +237,7 @@ class Trainer:
         return loss
 
     def update(self, loss: torch.Tensor) -> None:
-        """Clip, let the spike guard judge, step AdamW (or skip, as the guard says), move the MoE biases."""
+        """Clip, let the spike guard judge, step the optimizer (or skip, as the guard says), move the MoE biases."""
         grad_norm = unscale_and_clip(self.model, self.optimizer, self.scaler, self.cfg.optim.grad_clip, self.world)
         verdict = self.guard.check(self.n + 1, loss, grad_norm, check_grad_finite=not self.scaler.is_enabled())
         bad = verdict[CODE] > 0
@@ -280,7 +281,7 @@ class Trainer:
         return loss
 
     def resident_bytes(self) -> int:
-        """What this trainer keeps on its device between steps: weights, buffers, AdamW state and its batches."""
+        """What this trainer keeps on its device between steps: weights, buffers, optimizer state and its batches."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
         tensors += [t for batch in self.batches for t in batch if t is not None]
         tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
@@ -503,10 +504,11 @@ def bench_preset(args, path: Path) -> dict:
     for name, model in zip(args.variants, identical_copies(base, len(args.variants)), strict=True):
         compiled, document_mask = VARIANTS[name]
         prepare_model(model, t.activation_checkpointing, compiled)
-        optimizer, _ = make_optimizer(model, cfg, device.type, None)
+        optimizer, optimizer_name = make_optimizer(model, cfg, device.type, None)
         trainers.append(Trainer(model, optimizer, name, cfg, device, dtype, masked if document_mask else plain))
     print(f"{path.stem}: {n_params / 1e6:.2f}M parameters on {device} ({hardware_name(device)}), "
-          f"{str(dtype).removeprefix('torch.')}, batch {t.batch_size} x seq {t.seq_len} x accum {t.grad_accum}; "
+          f"{str(dtype).removeprefix('torch.')}, {optimizer_name}, batch {t.batch_size} x seq {t.seq_len} x accum "
+          f"{t.grad_accum}; "
           f"{', '.join(args.variants)}", flush=True)
     peaks_reset = reset_peak_memory(device)  # whether each block's peak is its own (else the process's so far)
     run_interleaved(trainers, args.warmup, args.steps, args.block, per_step=False, track_peaks=True)
@@ -528,8 +530,8 @@ def bench_preset(args, path: Path) -> dict:
     mask_cost = {mode: 1 - median_of[mode] / median_of[f"{mode}+mask"]
                  for mode in ("eager", "compiled") if {mode, f"{mode}+mask"} <= median_of.keys()}
     return {"preset": path.stem, "config": str(path), "device": str(device), "hardware": hardware_name(device),
-            "dtype": str(dtype).removeprefix("torch."), "parameters": n_total, "active_parameters": n_params,
-            "batch_size": t.batch_size, "seq_len": t.seq_len, "grad_accum": t.grad_accum,
+            "dtype": str(dtype).removeprefix("torch."), "optimizer": optimizer_name, "parameters": n_total,
+            "active_parameters": n_params, "batch_size": t.batch_size, "seq_len": t.seq_len, "grad_accum": t.grad_accum,
             "tokens_per_step": tokens_per_step, "flops_per_token": token_flops, "peak_tflops": peak,
             "peak_source": peak_source, "peak_memory": "cuda max_memory_allocated" if device.type == "cuda" else
             f"peak RSS of the process{' (reset per block)' if peaks_reset else ' (whole run)'}",

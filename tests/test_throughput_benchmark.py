@@ -35,6 +35,7 @@ def test_presets_mode_times_every_variant(throughput, tmp_path, device, capsys):
     assert written["presets"][0]["variants"] == result["presets"][0]["variants"]
     (preset,) = written["presets"]
     assert preset["preset"] == "tiny" and (preset["batch_size"], preset["seq_len"]) == (2, 64)
+    assert preset["optimizer"] == "muon"  # the preset's own optimizer is what is timed, and it is recorded
     assert [v["name"] for v in preset["variants"]] == ["eager", "eager+mask", "compiled", "compiled+mask"]
     for v in preset["variants"]:
         assert v["tokens_per_s"] > 0 and v["median_s"] > 0 and 0 < v["mfu"] < 1, v["name"]
