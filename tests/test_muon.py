@@ -113,6 +113,7 @@ def test_muon_on_two_ranks_equals_one_process(tmp_path, shakespeare, tokenizer_d
     (("optim.muon_lr=-1",), "optim.muon_lr: must be positive"),
     (("optim.muon_momentum=1",), r"optim\.muon_momentum: must be in \[0, 1\)"),
     (("optim.muon_adjust_lr=keller",), "optim.muon_adjust_lr: unknown adjustment"),
+    (("optim.muon_weight_decay=-1",), "optim.muon_weight_decay: must be >= 0"),
 ])
 def test_impossible_muon_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -126,3 +127,30 @@ def test_resuming_with_the_other_optimizer_is_refused(tmp_path, shakespeare, tok
     train(tiny_config(*common), tmp_path / "run", show_progress=False)
     with pytest.raises(CheckpointError, match=r"trained with adamw; resume with --set optim\.name=adamw"):
         train(tiny_config(*common, MUON, "train.max_steps=4"), tmp_path / "run", resume=True, show_progress=False)
+
+
+def test_weight_decay_is_routed_per_optimizer():
+    model = MiniMind(tiny_model_config())
+    cfg = tiny_config(MUON, "optim.weight_decay=0.1", "optim.muon_weight_decay=0.02").optim
+    muon_opt, adamw_opt = optimizer_list(build_optimizer(model, cfg, "cpu"))
+    assert [g["weight_decay"] for g in muon_opt.param_groups] == [0.02]
+    assert [g["weight_decay"] for g in adamw_opt.param_groups] == [0.0]  # embedding and norms: never decayed
+    unset = tiny_config(MUON, "optim.weight_decay=0.1").optim
+    assert [g["weight_decay"] for g in optimizer_list(build_optimizer(model, unset, "cpu"))[0].param_groups] == [0.1]
+
+
+def test_a_resume_or_branch_takes_the_new_settings_not_the_saved_ones(tmp_path, shakespeare, tokenizer_dir):
+    """The optimizer state comes from the checkpoint; its hyper-parameters from this run's config."""
+    from minipretrain.train import checkpoint as ckpt_io
+
+    common = (*data_overrides(shakespeare, tokenizer_dir), MUON, "train.max_steps=2", "train.save_every=2")
+    train(tiny_config(*common), tmp_path / "run", show_progress=False)
+    cfg = tiny_config(*common, "optim.muon_momentum=0.5", "optim.muon_weight_decay=0.03", "optim.beta2=0.9")
+    model = MiniMind(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim, "cpu")
+    ckpt_io.load_weights_and_optimizer(tmp_path / "run" / "checkpoints" / "step_000002", model, optimizer)
+    muon_opt, adamw_opt = optimizer_list(optimizer)
+    assert [(g["momentum"], g["weight_decay"]) for g in muon_opt.param_groups] == [(0.5, 0.03)]
+    assert {g["betas"] for g in adamw_opt.param_groups} == {(0.9, 0.9)}
+    assert all(muon_opt.state[p]["momentum_buffer"].abs().sum() > 0 for g in muon_opt.param_groups
+               for p in g["params"])  # the saved state did load

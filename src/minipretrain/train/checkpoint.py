@@ -338,15 +338,19 @@ def restore_rng_of_rank(ckpt: Path, world: World = World()) -> bool:
 def load_weights_and_optimizer(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                                world: World = World()) -> None:
     """Called on every rank: load the checkpoint's weights and optimizer state into this run's (possibly sharded)
-    model and optimizer, whatever the number of ranks that saved it."""
+    model and optimizer, whatever the number of ranks that saved it. The optimizer's hyper-parameters (weight decay,
+    betas, Muon's momentum, ...) stay this run's config's: a branch or resume with new settings gets them."""
     if not (ckpt / DCP_DIR).is_dir():
         raise CheckpointError(f"{ckpt} has no {DCP_DIR}/ directory (it was written by an older minipretrain): its "
                               "weights work with generate, eval and export, but training cannot resume from it")
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     model_state, optimizer_state = get_state_dict(model, optimizer_list(optimizer))
     state = {"model": model_state, "optimizer": optimizer_state}
     _dcp_load(state, ckpt, world)
     set_state_dict(model, optimizer_list(optimizer), model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
+    for group, settings in zip(optimizer.param_groups, configured, strict=True):
+        group.update(settings)  # the saved param_groups carry the settings of the run that saved them
 
 
 def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
