@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import continual  # benchmarks/ is on sys.path when a script in it runs: its data preparation and CLI helpers
-from throughput import cpu_description
+from throughput import cpu_description, write_result
 
 SEQ_LEN, BATCH_SIZE, WARMUP = 256, 16, 0.05  # the grid's rows, rows per step and warmup share of the steps
 SHAPE = ["model.hidden_size=256", "model.num_hidden_layers=6", "model.num_attention_heads=8",
@@ -189,9 +189,7 @@ def main(argv=None) -> dict:
               "shape": SHAPE, "mixture": MIXTURE, "seeds": args.seeds, "rows": rows, "runs": grid,
               "minutes": round((time.perf_counter() - start) / 60, 1),
               "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
+    write_result(args.json, result)
     return result
 
 
