@@ -12,8 +12,8 @@ score of a run is the mean of the three corpora's bits per byte (a tokenizer-ind
 weighing a third as in training; the table also gives each corpus's.
 
 The grid: AdamW and Muon (optim.name) with a cosine schedule at each of their peak learning rates (--adamw-lrs,
---muon-lrs: three each, around each one's best), and each with WSD at one learning rate (--adamw-wsd-lr, --muon-wsd-lr:
-the best cosine rates of an earlier, smaller grid); --seeds seeds per cell (train.seed: initial weights, data order). A
+--muon-lrs: three or four each, bracketing each one's best), and with WSD at the best of them (--adamw-wsd-lrs,
+--muon-wsd-lrs: chosen from earlier, smaller grids); --seeds seeds per cell (train.seed: initial weights, data order). A
 Muon cell runs AdamW (embedding, norms) at the same peak unless it says otherwise. Each cell reports the median over
 seeds and the spread (max - min), and its change against the baseline, AdamW + cosine at --default-lr (MiniMind's
 optimizer and schedule, and the tiny preset's settings before this benchmark chose Muon). Then the best cell is run
@@ -49,12 +49,12 @@ def parse_args(argv):
     p.add_argument("--tokens", type=int, default=1_200_000, help="training tokens per run (16 x 256 = 4,096 a step)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per cell")
     p.add_argument("--adamw-lrs", default="5e-4,1e-3,2e-3", help="AdamW's peak learning rates (cosine cells)")
-    p.add_argument("--muon-lrs", default="2e-3,4e-3,8e-3", help="Muon's peak learning rates (cosine cells)")
-    p.add_argument("--adamw-wsd-lr", type=float, default=1e-3, help="AdamW's WSD cell (best cosine lr, measured)")
-    p.add_argument("--muon-wsd-lr", type=float, default=4e-3, help="Muon's WSD cell")
+    p.add_argument("--muon-lrs", default="2e-3,4e-3,8e-3,1.6e-2", help="Muon's peak learning rates (cosine cells)")
+    p.add_argument("--adamw-wsd-lrs", default="1e-3", help="AdamW's WSD cells (its best cosine lr, measured)")
+    p.add_argument("--muon-wsd-lrs", default="4e-3,8e-3", help="Muon's WSD cells")
     p.add_argument("--default-lr", type=float, default=2e-3, help="the baseline: AdamW + cosine at this lr")
     p.add_argument("--batch-sizes", default="8,32", help="the best cell again at these rows per step (same tokens)")
-    p.add_argument("--warmups", default="0,0.2", help="the best cell again with these warmup shares of the steps")
+    p.add_argument("--warmups", default="0.2", help="the best cell again with these warmup shares of the steps")
     p.add_argument("--split-adamw-lr", type=float, default=1e-3,
                    help="the best cell (if Muon) again with AdamW's peak here (0: not)")
     p.add_argument("--extra-seeds", type=int, default=1, help="seeds of each batch-size, warmup and split run")
@@ -78,11 +78,12 @@ def parse_args(argv):
 
 def cells(args) -> list[dict]:
     out = []
-    for optimizer, lrs, wsd_lr in (("adamw", args.adamw_lrs, args.adamw_wsd_lr),
-                                   ("muon", args.muon_lrs, args.muon_wsd_lr)):
+    for optimizer, lrs, wsd_lrs in (("adamw", args.adamw_lrs, args.adamw_wsd_lrs),
+                                    ("muon", args.muon_lrs, args.muon_wsd_lrs)):
         for lr in (float(v) for v in lrs.split(",") if v):
             out.append({"optimizer": optimizer, "schedule": "cosine", "lr": lr})
-        out.append({"optimizer": optimizer, "schedule": "wsd", "lr": wsd_lr})
+        for lr in (float(v) for v in wsd_lrs.split(",") if v):
+            out.append({"optimizer": optimizer, "schedule": "wsd", "lr": lr})
     return out
 
 

@@ -29,12 +29,13 @@ def test_every_cell_trains_what_it_names(quality, tmp_path):
     args = quality.parse_args(["--out", str(tmp_path)])
     prepared = {name: tmp_path / name for name in quality.MIXTURE}
     cells = quality.cells(args)
+    assert [c["lr"] for c in cells if c["optimizer"] == "muon" and c["schedule"] == "wsd"] == [4e-3, 8e-3]
     assert {(c["optimizer"], c["schedule"]) for c in cells} == {
         ("adamw", "cosine"), ("adamw", "wsd"), ("muon", "cosine"), ("muon", "wsd")}
     assert sum(c["optimizer"] == "adamw" and c["schedule"] == "cosine" for c in cells) >= 3  # a learning-rate sweep
     extras = quality.extra_cells(args, cells[-1])
     assert [(c.get("batch_size"), c.get("warmup"), c.get("adamw_lr")) for c in extras] == [
-        (8, None, None), (32, None, None), (None, 0.0, None), (None, 0.2, None), (None, None, 1e-3)]
+        (8, None, None), (32, None, None), (None, 0.2, None), (None, None, 1e-3)]
     assert quality.extra_cells(args, cells[0])[-1].get("adamw_lr") is None  # a split only for a Muon cell
     for cell in cells + extras:
         cfg = load_config(REPO / "configs" / "tiny.toml",
@@ -73,7 +74,8 @@ def test_the_table_takes_medians_and_spreads_over_seeds(quality, tmp_path, monke
     monkeypatch.setattr(quality.continual, "evaluate", fake_evaluate)
     out = tmp_path / "quality.json"
     result = quality.main(["--out", str(tmp_path), "--tokens", "8192", "--seeds", "2", "--adamw-lrs", "1e-3,2e-3",
-                           "--muon-lrs", "4e-3", "--adamw-wsd-lr", "1e-3", "--muon-wsd-lr", "4e-3", "--json", str(out)])
+                           "--muon-lrs", "4e-3", "--adamw-wsd-lrs", "1e-3", "--muon-wsd-lrs", "4e-3",
+                           "--warmups", "0,0.2", "--json", str(out)])
     # the grid twice, then the best cell (Muon + WSD) once at batch 8 and 32, with warmup 0% and 20%, and with
     # AdamW's peak at 1e-3
     assert len(trained) == 2 * 5 + 5 and "muon-wsd-lr0.004-seed1338" in trained
