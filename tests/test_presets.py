@@ -109,12 +109,12 @@ def test_gpu_batch_is_what_the_planner_says_fits_80_gib(name):
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_presets_train_with_what_the_quality_benchmark_chose(path):
     """Muon + WSD (benchmarks/quality.py), except llama-124m, the MFU yardstick, which keeps GPT-3 small's AdamW and
-    cosine. The MiniMind presets keep AdamW's peak for the embedding and norms and give Muon 4x that, the best ratio
-    measured."""
+    cosine. One peak for both optimizers, as measured (a lower AdamW peak for the embedding and norms did worse): 4e-3
+    for tiny, as measured; 4x MiniMind's AdamW peak of 5e-4 for the MiniMind presets."""
     o = load_config(path).optim
     if path.stem == "llama-124m":
         assert (o.name, o.schedule) == ("adamw", "cosine")
     elif path.stem.startswith("tiny"):
         assert (o.name, o.schedule, o.lr, o.muon_lr) == ("muon", "wsd", 4e-3, None)
     else:
-        assert (o.name, o.schedule, o.lr, o.muon_lr) == ("muon", "wsd", 5e-4, 2e-3)
+        assert (o.name, o.schedule, o.lr, o.muon_lr) == ("muon", "wsd", 2e-3, None)
