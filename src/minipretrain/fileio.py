@@ -113,7 +113,12 @@ class DirectoryLock:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary name, flush to disk, rename: readers see the old file or the new one, never half."""
+    replace_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def replace_atomic(path: Path, write) -> None:
+    """write_atomic for any writer: `write(tmp)` fills a temporary file, which is flushed and renamed to `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    write(tmp)
     fsync_path(tmp)
     os.replace(tmp, path)

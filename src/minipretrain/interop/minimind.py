@@ -17,14 +17,13 @@ Loading uses `torch.load(weights_only=True)`: a .pth cannot run code.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from minipretrain.config import load_config, toml_value
 from minipretrain.errors import UserError
-from minipretrain.fileio import load_weights_only
+from minipretrain.fileio import load_weights_only, replace_atomic
 from minipretrain.interop.hf import check_tied, load_checked
 from minipretrain.model import MiniMind
 from minipretrain.tokenizer import Tokenizer
@@ -130,8 +129,6 @@ def export_minimind(ckpt_path: str | Path, out: str | Path) -> tuple[Path, str]:
     state = {k if k == "lm_head.weight" else f"model.{k}": v.detach().half().contiguous()
              for k, v in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out)  # never a half-written .pth under the final name
+    replace_atomic(out, lambda tmp: torch.save(state, tmp))  # never a half-written .pth under the final name
     flags = f"--hidden_size {m.hidden_size} --num_hidden_layers {m.num_hidden_layers}"
     return out, flags + (" --use_moe 1" if m.moe else "")
