@@ -124,20 +124,17 @@ def mixture_bits_per_byte(scores: dict[str, dict]) -> float:
     return sum(MIXTURE[name] * s["bits_per_byte"] for name, s in scores.items()) / sum(MIXTURE[n] for n in scores)
 
 
-def summarize(grid: list[dict], grid_cells: list[dict], default_lr: float) -> tuple[list[dict], dict]:
-    """One row per cell (median and spread over its seeds, median training time), and the baseline's row
-    (AdamW + cosine at `default_lr`; the first row when the grid lacks it)."""
+def summarize(grid: list[dict], grid_cells: list[dict]) -> list[dict]:
+    """One row per cell, in order: median and spread over its seeds, median training time, per-corpus medians."""
     rows = []
     for cell in grid_cells:
-        runs = [g for g in grid if g["cell"] == cell]
+        runs = [g for g in grid if cell_name(g) == cell_name(cell)]
         values = [g["bpb"] for g in runs]
         rows.append({**cell, "median_bpb": statistics.median(values), "spread": max(values) - min(values),
                      "seeds": len(values), "median_train_s": statistics.median(g["train_s"] for g in runs),
                      "median_bpb_by_corpus": {name: statistics.median(g["bpb_by_corpus"][name] for g in runs)
                                               for name in runs[0]["bpb_by_corpus"]}})
-    baseline = next((r for r in rows if r["optimizer"] == "adamw" and r["schedule"] == "cosine"
-                     and r["lr"] == default_lr), rows[0])
-    return rows, baseline
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -153,7 +150,7 @@ def main(argv=None) -> dict:
         name = f"{cell_name(cell)}-seed{seed}"
         summary, _ = continual.train(args.out / "runs" / name, overrides(cell, seed, args.tokens, prepared, tokenizer))
         scores = continual.evaluate(args.out / "runs" / name, prepared)
-        grid.append({**cell, "cell": cell, "seed": seed, "bpb": mixture_bits_per_byte(scores),
+        grid.append({**cell, "seed": seed, "bpb": mixture_bits_per_byte(scores),
                      "train_s": summary["elapsed_s"],
                      "bpb_by_corpus": {n: s["bits_per_byte"] for n, s in scores.items()}})
         print(f"  {name}: {grid[-1]['bpb']:.4f} bits/byte ({summary['elapsed_s']:.0f} s)", flush=True)
@@ -161,13 +158,15 @@ def main(argv=None) -> dict:
     for seed in range(1337, 1337 + args.seeds):  # seed-major: a partial grid already covers every cell once
         for cell in cells(args):
             run(cell, seed)
-    rows, baseline = summarize(grid, cells(args), args.default_lr)
-    best = min(cells(args), key=lambda c: summarize(grid, [c], args.default_lr)[0][0]["median_bpb"])
+    rows = summarize(grid, cells(args))
+    baseline = next(r for r in rows if (r["optimizer"], r["schedule"], r["lr"]) == ("adamw", "cosine", args.default_lr))
+    best_row = min(rows, key=lambda r: r["median_bpb"])
+    best = cells(args)[rows.index(best_row)]
     extras = extra_cells(args, best) if args.extra_seeds else []
     for seed in range(1337, 1337 + args.extra_seeds):
         for cell in extras:
             run(cell, seed)
-    rows += summarize(grid, extras, args.default_lr)[0] if extras else []
+    rows += summarize(grid, extras)
     best_adamw = min((r for r in rows if r["optimizer"] == "adamw"), key=lambda r: r["median_bpb"])
     print(f"\n{datetime.date.today()}, {cpu_description()}: {steps * BATCH_SIZE * SEQ_LEN:,} tokens per run ({steps} "
           f"steps of {BATCH_SIZE} x {SEQ_LEN} unless the batch says otherwise), {args.seeds} seed(s) per cell of the "
@@ -182,7 +181,7 @@ def main(argv=None) -> dict:
         print(f"| {r['optimizer']} | {r['schedule']} | {lr} | {r.get('batch_size', BATCH_SIZE)} "
               f"| {r.get('warmup', WARMUP):.0%} | {r['median_bpb']:.4f} | {r['seeds']} | {spread} "
               f"| {r['median_bpb'] / baseline['median_bpb'] - 1:+.1%} | {by_corpus} | {r['median_train_s']:.0f} |")
-    top = summarize(grid, [best], args.default_lr)[0][0]["median_bpb"]
+    top = best_row["median_bpb"]
     print(f"\nbest cell: {cell_name(best)}, {top:.4f} bits/byte: {top / baseline['median_bpb'] - 1:+.1%} against the "
           f"baseline, {top / best_adamw['median_bpb'] - 1:+.1%} against the best AdamW cell ({cell_name(best_adamw)})")
     result = {"date": str(datetime.date.today()), "cpu": cpu_description(),
