@@ -138,8 +138,8 @@ class OptimConfig:
     muon_lr: float | None = None  # muon: its peak learning rate; None: optim.lr (with muon_adjust_lr's RMS matching)
     muon_momentum: float = 0.95
     muon_weight_decay: float | None = None  # None: optim.weight_decay
-    # torch.optim.Muon's adjust_lr_fn: match_rms_adamw (update RMS of AdamW's, so AdamW's lr and weight decay carry
-    # over: Moonlight) | original (Keller Jordan's sqrt(max(1, rows / cols)))
+    # torch.optim.Muon's adjust_lr_fn: match_rms_adamw (update RMS of AdamW's, Moonlight: AdamW's lr is a safe start;
+    # benchmarks/quality.py found 4-8x better) | original (Keller Jordan's sqrt(max(1, rows / cols)))
     muon_adjust_lr: str = "match_rms_adamw"
 
 
