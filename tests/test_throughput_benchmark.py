@@ -85,3 +85,14 @@ def test_compare_optimizer_times_fused_foreach_and_muon(throughput, tmp_path, ca
     assert all(r["optimizer_median_ms"] > 0 and len(r["step_times_s"]) == 2 for r in result["runs"])
     assert json.loads(out.read_text())["runs"][2]["optimizer"] == "muon"
     assert "| muon |" in capsys.readouterr().out
+    # the labels name what steps: Muon beside AdamW for "muon", one AdamW kernel for the others
+    from minipretrain.config import load_config
+    from minipretrain.model import MiniMind
+    from minipretrain.train.optim import optimizer_list
+
+    cfg = load_config(None, [*TINY_MODEL, "train.seq_len=32"])
+    model = MiniMind(cfg.model)
+    muon, _ = throughput.make_optimizer(model, cfg, "cpu", "muon")
+    assert [type(o).__name__ for o in optimizer_list(muon)] == ["Muon", "AdamW"]
+    foreach, _ = throughput.make_optimizer(model, cfg, "cpu", "foreach")
+    assert isinstance(foreach, torch.optim.AdamW) and foreach.defaults["foreach"]
